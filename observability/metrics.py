@@ -1,0 +1,73 @@
+"""Prometheus metrics: one registry, owned by the composition root.
+
+Owns every metric airgate exports and their (bounded) label sets. No module-level
+registry: ``Metrics()`` builds a fresh ``CollectorRegistry`` each time, so tests and
+several gateways in one process do not collide. Imports nothing from the gateway.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_LATENCY_BUCKETS = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+)
+
+
+class Metrics:
+    """Every metric, with labels drawn from bounded sets only (never a user or key name)."""
+
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "airgate_requests", "Requests served", ["route", "model", "status_class"],
+            registry=r,
+        )
+        self.latency = Histogram(
+            "airgate_request_duration_seconds", "End-to-end latency", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.ttft = Histogram(
+            "airgate_time_to_first_token_seconds", "Time to first streamed byte", ["route"],
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.tokens = Counter(
+            "airgate_tokens", "Tokens billed", ["model", "kind"], registry=r,
+        )
+        self.cost = Counter(
+            "airgate_cost_micro_cny", "Cost billed, micro-CNY", ["model"], registry=r,
+        )
+        self.active_streams = Gauge(
+            "airgate_active_streams", "Streams open to clients", registry=r,
+        )
+        self.shed = Counter(
+            "airgate_shed_requests", "Requests refused for lack of capacity", ["reason"],
+            registry=r,
+        )
+        self.upstream_failures = Counter(
+            "airgate_upstream_failures", "Upstream failures by class", ["failure_class"],
+            registry=r,
+        )
+        self.key_state = Gauge(
+            "airgate_upstream_key_state", "Upstream keys per health state", ["state"],
+            registry=r,
+        )
+        self.batch_pending = Gauge(
+            "airgate_usage_pending_records", "Usage records waiting to be flushed", registry=r,
+        )
+        self.batch_flush = Histogram(
+            "airgate_usage_flush_seconds", "Usage flush duration",
+            buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.batch_failures = Counter(
+            "airgate_usage_flush_failures", "Usage flushes that failed and will be retried",
+            registry=r,
+        )
+        self.batch_written = Counter(
+            "airgate_usage_records_written", "Usage records written to Postgres", registry=r,
+        )
+
+    def render(self) -> bytes:
+        """The registry in Prometheus text exposition format."""
+        return generate_latest(self.registry)

@@ -1,0 +1,80 @@
+"""The ASGI application: the raw /v1 app and /metrics in front of the Quart account app.
+
+Owns the routing between the two and the /api error rendering: every error on /api is
+``{"error": {"message", "code"}}`` with the right status, never a stack trace.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from quart import Response
+from quart_trio import QuartTrio
+from werkzeug.exceptions import HTTPException
+
+from proxy.api import admin_keys, auth, health
+from proxy.api.common import api_error_body
+from proxy.asgi import ASGIApp, Receive, Scope, Send, send_response
+from proxy.gateway import Gateway
+from proxy.v1 import V1App
+from workers.errors import GatewayError
+
+log = logging.getLogger("airgate.api")
+
+_METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+
+
+def build_quart(gw: Gateway) -> QuartTrio:
+    app = QuartTrio("airgate")
+    app.config["MAX_CONTENT_LENGTH"] = gw.settings.max_body_bytes
+    app.config["JSON_SORT_KEYS"] = False
+    app.extensions["airgate"] = gw
+    for blueprint in (auth.bp, admin_keys.bp, health.bp):
+        app.register_blueprint(blueprint)
+
+    @app.errorhandler(GatewayError)
+    async def gateway_error(err: GatewayError) -> Response:
+        response = Response(_json(api_error_body(err)), status=err.status,
+                            content_type="application/json")
+        if err.retry_after_s is not None:
+            response.headers["Retry-After"] = str(max(1, round(err.retry_after_s)))
+        return response
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException) -> Response:
+        code = (err.name or "error").lower().replace(" ", "_")
+        body = {"error": {"message": err.description or err.name, "code": code}}
+        return Response(_json(body), status=err.code or 500, content_type="application/json")
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception) -> Response:
+        log.exception("unhandled error on %s", type(err).__name__)
+        body = {"error": {"message": "Internal server error.", "code": "internal_error"}}
+        return Response(_json(body), status=500, content_type="application/json")
+
+    return app
+
+
+def _json(data: Any) -> bytes:
+    import orjson
+
+    return orjson.dumps(data)
+
+
+def build_app(gw: Gateway) -> ASGIApp:
+    quart = build_quart(gw)
+    v1 = V1App(gw)
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            path: str = scope["path"]
+            if path.startswith("/v1/") or path == "/v1":
+                await v1(scope, receive, send)
+                return
+            if path == "/metrics":
+                await send_response(send, 200, gw.metrics.render(), [_METRICS_TYPE])
+                return
+        await quart(scope, receive, send)  # type: ignore[arg-type]
+
+    return app

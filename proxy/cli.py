@@ -1,0 +1,69 @@
+"""The ``airgate`` command: serve, demo, mock-upstream, migrate."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+import trio
+
+from loadtest.mock_upstream import MockConfig
+from loadtest.mock_upstream import main as mock_main
+from observability.logs import configure_logging
+from proxy.settings import Settings, SettingsError, load_settings
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="TOML settings file (also AIRGATE_CONFIG)")
+    parser.add_argument("--host", help="listen address (AIRGATE_HOST)")
+    parser.add_argument("--port", type=int, help="listen port (AIRGATE_PORT)")
+    parser.add_argument("--database-url", help="Postgres URL; empty runs an embedded cluster")
+    parser.add_argument("--data-dir", help="where the embedded cluster lives")
+    parser.add_argument("--workers", type=int, help="worker processes (AIRGATE_WORKERS)")
+    parser.add_argument("--log-level", help="debug, info, warning, error")
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides: dict[str, Any] = {
+        "host": args.host, "port": args.port, "database_url": args.database_url,
+        "data_dir": args.data_dir, "workers": args.workers, "log_level": args.log_level,
+    }
+    return load_settings(overrides, config_file=args.config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="airgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _common(sub.add_parser("serve", help="run the gateway"))
+    demo = sub.add_parser("demo", help="run the gateway with a mock upstream and a demo user")
+    _common(demo)
+    demo.add_argument("--ttft-ms", type=float, default=0.0)
+    demo.add_argument("--chunk-delay-ms", type=float, default=0.0)
+    _common(sub.add_parser("migrate", help="apply database migrations and exit"))
+    sub.add_parser("mock-upstream", help="run the mock upstream on its own", add_help=False)
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "mock-upstream":
+        mock_main(rest)
+        return
+    if rest:
+        parser.error(f"unrecognised arguments: {' '.join(rest)}")
+    try:
+        settings = _settings(args)
+    except SettingsError as exc:
+        print(f"airgate: invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    configure_logging(settings.log_level)
+    if args.command == "serve":
+        from proxy.serve import serve
+
+        trio.run(serve, settings)
+    elif args.command == "demo":
+        from proxy.demo import run_demo
+
+        trio.run(run_demo, settings,
+                 MockConfig(ttft_ms=args.ttft_ms, chunk_delay_ms=args.chunk_delay_ms))
+    elif args.command == "migrate":
+        from proxy.migrate import migrate
+
+        trio.run(migrate, settings)

@@ -1,0 +1,134 @@
+"""The composition root: ``serve()`` builds every component and starts it in order.
+
+Order: database (embedded cluster when no URL), migrations, first-start data, catalogue,
+usage batcher, upstream client and key actors, HTTP. Shutdown (SIGINT/SIGTERM or the
+``stop`` event) runs in reverse: stop accepting and give in-flight requests the grace
+period, then close the batcher's inbox so it flushes every record, then the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AsyncExitStack, asynccontextmanager
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve as hypercorn_serve
+
+from observability.metrics import Metrics
+from proxy.app import build_app
+from proxy.gateway import Gateway
+from proxy.settings import Settings
+from store.batcher import UsageBatcher
+from store.bootstrap import ensure_admin, jwt_secret
+from store.db import Database
+from store.migrate import apply_migrations
+from store.runtime import open_embedded_cluster, open_store
+from store.upstream_keys import disable_upstream_key, list_upstream_keys
+from workers.accounts import Accounts
+from workers.catalog import Catalog
+from workers.dispatch import Dispatcher
+from workers.passwords import hash_password
+from workers.pool import KeyPool
+from workers.upstream import UpstreamClient
+
+log = logging.getLogger("airgate")
+
+
+@asynccontextmanager
+async def open_database_for(settings: Settings) -> AsyncIterator[Database]:
+    async with AsyncExitStack() as stack:
+        dsn = settings.database_url
+        if not dsn:
+            dsn = await stack.enter_async_context(open_embedded_cluster(settings.data_dir))
+        db = await stack.enter_async_context(open_store(dsn, pool_size=settings.db_pool_size))
+        yield db
+
+
+def _hypercorn_config(settings: Settings) -> Config:
+    config = Config()
+    config.bind = [f"{settings.host}:{settings.port}"]
+    config.graceful_timeout = settings.shutdown_grace_s
+    config.keep_alive_timeout = 75
+    config.accesslog = None
+    config.errorlog = "-"
+    config.loglevel = "WARNING"
+    return config
+
+
+async def _signals(stop: trio.Event) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            log.info("shutdown requested")
+            stop.set()
+            return
+
+
+async def serve(
+    settings: Settings,
+    *,
+    stop: trio.Event | None = None,
+    on_ready: Callable[[Gateway, list[str]], Awaitable[None]] | None = None,
+    task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Run the gateway until ``stop`` is set (or SIGINT/SIGTERM)."""
+    stop = stop or trio.Event()
+    async with open_database_for(settings) as db:
+        applied = await apply_migrations(db)
+        if applied:
+            log.info("applied migrations %s", ", ".join(applied))
+        secret = await jwt_secret(db, settings.jwt_secret)
+        if settings.admin_email and await ensure_admin(
+            db, settings.admin_email, await hash_password(settings.admin_password)
+        ):
+            log.info("created the first admin %s", settings.admin_email)
+        metrics = Metrics()
+        catalog = Catalog()
+        await catalog.reload(db)
+        client = UpstreamClient(connect_timeout_s=settings.connect_timeout_s,
+                                max_connections=settings.upstream_max_connections)
+        batcher = UsageBatcher(db, metrics, batch_size=settings.flush_batch_size,
+                               interval_s=settings.flush_interval_s)
+
+        async def on_disable(key_id: str, reason: str) -> None:
+            await disable_upstream_key(db, key_id, reason)
+
+        pool = KeyPool(client, metrics, inbox_size=settings.actor_inbox_size,
+                       first_byte_timeout_s=settings.first_byte_timeout_s,
+                       idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
+        accounts = Accounts(db)
+        async with trio.open_nursery() as outer:
+            await outer.start(batcher.run)
+            dispatcher = Dispatcher(pool, accounts, catalog, batcher.sender.clone(), metrics,
+                                    max_attempts=settings.max_attempts,
+                                    dispatch_wait_s=settings.dispatch_wait_s)
+            batcher.sender.close()
+            async with trio.open_nursery() as inner:
+                await inner.start(pool.run)
+                await pool.apply(await list_upstream_keys(db))
+                gw = Gateway(settings, db, metrics, pool, accounts, catalog, dispatcher, secret)
+                inner.start_soon(_signals, stop)
+                async with trio.open_nursery() as http:
+                    binds = await http.start(
+                        _serve_http, build_app(gw), _hypercorn_config(settings), stop
+                    )
+                    log.info("airgate listening on %s", ", ".join(binds))
+                    if on_ready is not None:
+                        await on_ready(gw, binds)
+                    task_status.started(binds)
+                # hypercorn returned: no new requests, in-flight ones finished or were cut.
+                inner.cancel_scope.cancel()
+            # HTTP is down and in-flight requests have billed: flush everything.
+            await dispatcher.close()
+        with trio.CancelScope(shield=True):
+            await client.aclose()
+
+
+async def _serve_http(
+    app: object, config: Config, stop: trio.Event,
+    *, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    await hypercorn_serve(app, config, shutdown_trigger=stop.wait,  # type: ignore[arg-type]
+                          task_status=task_status)

@@ -1,0 +1,189 @@
+"""The OpenAI-compatible /v1 surface, as a raw ASGI app (the hot path).
+
+Owns parse → admit → dispatch → relay → bill for ``/v1/chat/completions``,
+``/v1/completions``, ``/v1/embeddings`` and ``GET /v1/models``. Every response carries an
+``x-request-id``; every error is OpenAI's error JSON. Streams are relayed as they arrive,
+with ``: ping`` comments while the upstream is idle, and a client that goes away cancels
+the upstream request. Billing runs shielded in ``finally``, exactly once per request.
+"""
+
+from __future__ import annotations
+
+import secrets
+from typing import Any
+
+import orjson
+import trio
+
+from proxy.asgi import BodyTooLargeError, ClientGone, Receive, Scope, Send, header, read_body
+from proxy.asgi import send_response as send_whole
+from proxy.gateway import Gateway
+from proxy.v1_request import ROUTES, parse_request
+from workers.dispatch import Reply, Request
+from workers.errors import (
+    AuthenticationFailed,
+    BodyTooLarge,
+    GatewayError,
+    InvalidRequest,
+    NotFound,
+    openai_error_body,
+)
+from workers.pricing import micro_to_price
+from workers.tokens import estimate_prompt_tokens
+
+_JSON = (b"content-type", b"application/json")
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_PING = b": ping\n\n"
+_DISCONNECTED = 499  # nginx's "client closed request", recorded in usage
+
+
+class V1App:
+    def __init__(self, gateway: Gateway) -> None:
+        self._gw = gateway
+        self._ping_s = gateway.settings.ping_interval_s
+        self._limit = gateway.settings.max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        request_id = "req_" + secrets.token_hex(12)
+        rid = (b"x-request-id", request_id.encode())
+        path: str = scope["path"]
+        route = path.rstrip("/")
+        metrics = self._gw.metrics
+        try:
+            if route == "/v1/models":
+                await self._models(scope, send, rid)
+                return
+            if route not in ROUTES:
+                raise NotFound(f"Invalid URL ({scope['method']} {path})")
+            if scope["method"] != "POST":
+                raise InvalidRequest(f"Method {scope['method']} not allowed on {path}")
+            await self._complete(scope, receive, send, request_id, rid, route)
+        except GatewayError as err:
+            metrics.requests.labels(route if route in ROUTES else "other", "",
+                                    f"{err.status // 100}xx").inc()
+            await send_error(send, err, rid)
+        except ClientGone:
+            return
+
+    async def _complete(
+        self, scope: Scope, receive: Receive, send: Send, request_id: str,
+        rid: tuple[bytes, bytes], route: str,
+    ) -> None:
+        gw = self._gw
+        owner, account = await gw.accounts.authenticate(_bearer(scope))
+        try:
+            raw = await read_body(scope, receive, self._limit)
+        except BodyTooLargeError:
+            raise BodyTooLarge(f"Request body is larger than {self._limit} bytes.") from None
+        endpoint, upstream_path = ROUTES[route]
+        parsed = parse_request(raw, endpoint)
+        prompt = estimate_prompt_tokens(parsed.body, endpoint)
+        budget = gw.dispatcher.admit(parsed.model, account, prompt)
+        req = Request(
+            request_id=request_id, endpoint=endpoint, upstream_path=upstream_path,
+            body=parsed.body, model=parsed.model, stream=parsed.stream,
+            include_usage=parsed.include_usage, prompt_estimate=prompt,
+            max_output=parsed.max_output, owner=owner, account=account,
+        )
+        reply: Reply | None = None
+        status = 500
+        gw.metrics.active_streams.inc()
+        try:
+            with trio.CancelScope() as scope_guard:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(_watch_disconnect, receive, scope_guard)
+                    try:
+                        reply = await gw.dispatcher.open(req, max(budget - prompt, 0))
+                    except GatewayError as err:
+                        status = err.status
+                        await send_error(send, err, rid)
+                    else:
+                        status = reply.started.status
+                        await self._relay(send, reply, rid)
+                    nursery.cancel_scope.cancel()
+            if scope_guard.cancelled_caught:
+                status = _DISCONNECTED
+        finally:
+            gw.metrics.active_streams.dec()
+            with trio.CancelScope(shield=True):
+                await gw.dispatcher.finish(req, prompt, reply, status)
+            elapsed = trio.current_time() - req.started_at
+            gw.metrics.requests.labels(route, req.model, f"{status // 100}xx").inc()
+            gw.metrics.latency.labels(route).observe(elapsed)
+
+    async def _relay(self, send: Send, reply: Reply, rid: tuple[bytes, bytes]) -> None:
+        started = reply.started
+        if not reply.request.stream or started.status >= 400:
+            body = b"".join([chunk async for chunk in reply.chunks()])
+            headers = [(b"content-type", started.content_type.encode()), rid]
+            await send_whole(send, started.status, body, headers)
+            return
+        await send({"type": "http.response.start", "status": started.status,
+                    "headers": [*_SSE_HEADERS, rid]})
+        ping_s = self._ping_s
+        while True:
+            chunk: bytes | None = None
+            with trio.move_on_after(ping_s) as idle:
+                chunk = await reply.next_chunk()
+            if idle.cancelled_caught:
+                await send({"type": "http.response.body", "body": _PING, "more_body": True})
+                continue
+            if chunk is None:
+                break
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _models(self, scope: Scope, send: Send, rid: tuple[bytes, bytes]) -> None:
+        if header(scope, b"authorization") is not None:
+            await self._gw.accounts.authenticate(_bearer(scope))
+        data: list[dict[str, Any]] = []
+        for model in self._gw.catalog.models.values():
+            if model.status != "active":
+                continue
+            data.append({
+                "id": model.id, "object": "model",
+                "created": int(model.created_at.timestamp()), "owned_by": model.owned_by,
+                "display_name": model.display_name,
+                "pricing": {
+                    "input_price": micro_to_price(model.input_price),
+                    "output_price": micro_to_price(model.output_price),
+                    "cached_price": micro_to_price(model.cached_price),
+                    "status": model.status,
+                },
+            })
+        body = orjson.dumps({"object": "list", "data": data})
+        await send_whole(send, 200, body, [_JSON, rid])
+
+
+async def _watch_disconnect(receive: Receive, scope: trio.CancelScope) -> None:
+    """Cancel the request's work the moment the client goes away."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            scope.cancel()
+            return
+
+
+def _bearer(scope: Scope) -> str:
+    value = header(scope, b"authorization")
+    if value is None:
+        raise AuthenticationFailed(
+            "You didn't provide an API key. Provide it as 'Authorization: Bearer sk-...'."
+        )
+    scheme, _, token = value.decode("latin-1").partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise AuthenticationFailed("Malformed Authorization header; expected 'Bearer sk-...'.")
+    return token.strip()
+
+
+async def send_error(send: Send, err: GatewayError, rid: tuple[bytes, bytes]) -> None:
+    headers = [_JSON, rid]
+    if err.retry_after_s is not None:
+        headers.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
+    if err.code in ("insufficient_quota", "plan_expired") or not err.retryable:
+        headers.append((b"x-should-retry", b"false"))
+    await send_whole(send, err.status, orjson.dumps(openai_error_body(err)), headers)

@@ -1,0 +1,165 @@
+"""Accounts in memory: API-key authentication and quota, off the database's hot path.
+
+Owns the cache of ``sk-`` key hashes, the per-user quota state (limit, used, in-flight
+reservations, plan expiry, allowed model groups, per-user rpm bucket) and the checks made
+before dispatch. Usage is charged here at once, in memory, and handed to the batcher for
+Postgres separately. A key revoked through the API is dropped from the cache at once, so
+it fails on the very next request.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import trio
+
+from store.apikeys import ApiKeyOwner, find_api_key, hash_key
+from store.db import Database
+from store.plans import get_plan
+from store.users import User, get_user
+from workers.bucket import TokenBucket
+from workers.errors import (
+    AccountDisabled,
+    AuthenticationFailed,
+    PermissionDenied,
+    PlanExpired,
+    QuotaExceeded,
+    RateLimited,
+)
+
+_NEGATIVE_TTL_S = 5.0
+_NEGATIVE_MAX = 10_000
+
+
+@dataclass(slots=True)
+class Account:
+    user_id: str
+    status: str
+    plan: str | None
+    token_limit: int
+    token_used: int
+    expires_at: float | None  # epoch seconds
+    allowed_groups: frozenset[str] | None  # None: every group
+    rpm: TokenBucket | None
+    reserved: int = 0
+
+    @property
+    def remaining(self) -> int:
+        return self.token_limit - self.token_used - self.reserved
+
+
+class Accounts:
+    """Authentication and quota for the /v1 routes."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._keys: dict[bytes, ApiKeyOwner] = {}
+        self._misses: OrderedDict[bytes, float] = OrderedDict()
+        self._users: dict[str, Account] = {}
+
+    async def authenticate(self, secret: str) -> tuple[ApiKeyOwner, Account]:
+        if not secret.startswith("sk-") or len(secret) > 200:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        digest = hash_key(secret)
+        owner = self._keys.get(digest)
+        if owner is None:
+            owner = await self._lookup(digest)
+        return owner, await self.account(owner.user_id)
+
+    async def _lookup(self, digest: bytes) -> ApiKeyOwner:
+        now = time.monotonic()
+        miss = self._misses.get(digest)
+        if miss is not None and miss > now:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        owner = await find_api_key(self._db, digest)
+        if owner is None:
+            self._misses[digest] = now + _NEGATIVE_TTL_S
+            while len(self._misses) > _NEGATIVE_MAX:
+                self._misses.popitem(last=False)
+            raise AuthenticationFailed("Incorrect API key provided.")
+        self._keys[digest] = owner
+        return owner
+
+    def forget_key(self, digest: bytes) -> None:
+        """A key was revoked (or created): drop any cached answer for it."""
+        self._keys.pop(digest, None)
+        self._misses.pop(digest, None)
+
+    async def account(self, user_id: str) -> Account:
+        account = self._users.get(user_id)
+        if account is None:
+            account = await self._load(user_id)
+        return account
+
+    async def reload(self, user_id: str, *, reset_used: bool = False) -> None:
+        """Re-read a user's limits after an admin, payment or coupon change.
+
+        The in-memory ``token_used`` is kept (it includes usage not yet flushed) unless
+        ``reset_used``, when the database's value is taken.
+        """
+        old = self._users.get(user_id)
+        if old is None:
+            return
+        new = await self._load(user_id)
+        if not reset_used:
+            new.token_used = max(new.token_used, old.token_used)
+        new.reserved = old.reserved
+
+    async def _load(self, user_id: str) -> Account:
+        user = await get_user(self._db, user_id)
+        if user is None:
+            raise AuthenticationFailed("Incorrect API key provided.")
+        account = await self._account_from(user)
+        existing = self._users.get(user_id)
+        if existing is not None and existing.rpm is not None and account.rpm is not None:
+            account.rpm = existing.rpm
+        self._users[user_id] = account
+        return account
+
+    async def _account_from(self, user: User) -> Account:
+        groups: frozenset[str] | None = None
+        if user.plan:
+            plan = await get_plan(self._db, user.plan)
+            if plan is not None and plan.model_groups:
+                groups = frozenset(plan.model_groups)
+        rpm = TokenBucket(user.rpm, user.rpm / 60.0, trio.current_time()) if user.rpm else None
+        return Account(
+            user_id=user.id,
+            status=user.status,
+            plan=user.plan,
+            token_limit=user.token_limit,
+            token_used=user.token_used,
+            expires_at=user.expires_at.timestamp() if user.expires_at else None,
+            allowed_groups=groups,
+            rpm=rpm,
+        )
+
+    def check(self, account: Account, model_group: str, reserve: int) -> int:
+        """Admit one request or raise; reserve ``reserve`` tokens; return the token budget."""
+        if account.status != "active":
+            raise AccountDisabled("This account is disabled.")
+        if account.expires_at is not None and account.expires_at <= time.time():
+            raise PlanExpired("Your plan has expired. Renew it to continue.")
+        if account.allowed_groups is not None and model_group not in account.allowed_groups:
+            raise PermissionDenied("Your plan does not include this model.")
+        if account.remaining <= 0:
+            raise QuotaExceeded(
+                "You exceeded your current quota, please check your plan and billing details."
+            )
+        if account.rpm is not None:
+            now = trio.current_time()
+            if not account.rpm.try_take(1, now):
+                raise RateLimited(
+                    "Rate limit reached for requests per minute.",
+                    retry_after_s=account.rpm.delay_until(1, now),
+                )
+        budget = account.remaining
+        account.reserved += reserve
+        return budget
+
+    def settle(self, account: Account, reserved: int, used: int) -> None:
+        """Release the reservation and charge the real usage, at once, in memory."""
+        account.reserved -= reserved
+        account.token_used += used

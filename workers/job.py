@@ -1,0 +1,76 @@
+"""One attempt to serve a request on one upstream key, and the events it sends back.
+
+A ``Job`` is created by the dispatcher for each attempt, carried to a key actor through
+its inbox, and answered on the job's own reply channel: first ``Started`` or ``Failed``,
+then (after ``Started``) raw body bytes, then the channel closes. Counting state lives on
+the job so the dispatcher can bill whatever was relayed even when the client leaves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from workers.failure import Failure
+from workers.tokens import StreamTokenCounter, Usage
+
+
+@dataclass(frozen=True, slots=True)
+class Started:
+    """The upstream answered; body bytes follow on the reply channel."""
+
+    status: int
+    content_type: str
+    upstream_key_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The attempt failed before any byte reached the client."""
+
+    failure: Failure
+    message: str
+    upstream_key_id: str | None
+
+
+Event = Started | Failed | bytes
+
+
+@dataclass(eq=False, slots=True)
+class Job:
+    request_id: str
+    endpoint: str  # chat | completions | embeddings
+    upstream_path: str  # e.g. /chat/completions, appended to the key's base_url
+    body: dict[str, Any]
+    public_model: str
+    stream: bool
+    include_usage: bool  # the client asked for the usage chunk
+    prompt_estimate: int
+    max_output: int  # tokens reserved against the key's tpm until the real usage is known
+    token_budget: int | None  # cut the stream when the output estimate exceeds this
+    deadline: float  # trio time after which waiting for admission is pointless
+    reply: trio.MemorySendChannel[Event]
+    counter: StreamTokenCounter = field(default_factory=StreamTokenCounter)
+    usage: Usage | None = None  # authoritative usage from upstream, when it sent one
+    status: int = 0
+    upstream_key_id: str | None = None
+    first_byte_at: float | None = None
+    upstream_started_at: float | None = None
+    upstream_ended_at: float | None = None
+    cut_for_quota: bool = False
+    aborted: bool = False
+    _scope: trio.CancelScope | None = None
+
+    def attach(self, scope: trio.CancelScope) -> None:
+        """Called by the worker that runs this job, so ``abort`` can reach it."""
+        self._scope = scope
+        if self.aborted:
+            scope.cancel()
+
+    def abort(self) -> None:
+        """The client is gone or the dispatcher gave up: stop the upstream request now."""
+        self.aborted = True
+        if self._scope is not None:
+            self._scope.cancel()

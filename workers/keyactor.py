@@ -1,0 +1,266 @@
+"""The per-upstream-key actor.
+
+Owns one upstream key's limits (rpm and tpm token buckets, ``max_concurrency`` worker
+tasks) and its health. Jobs arrive through a bounded inbox; each worker task admits a
+job against the buckets and the health state, calls the upstream, relays the body bytes
+to the job's reply channel while counting tokens, settles the tpm reservation with the
+real usage, and feeds the outcome to the health state machine. Only this actor's tasks
+change its state; the router only reads it (``can_take``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+
+import orjson
+import trio
+
+from observability.metrics import Metrics
+from store.upstream_keys import UpstreamKey
+from workers.bucket import TokenBucket
+from workers.failure import Failure, FailureClass, classify, parse_retry_after
+from workers.health import HealthState, KeyHealth
+from workers.job import Failed, Job, Started
+from workers.relay import relay_body
+from workers.upstream import TransportFailure, UpstreamClient, UpstreamResponse
+
+log = logging.getLogger("airgate.keyactor")
+
+OnDisable = Callable[[str, str], Awaitable[None]]
+
+_MAX_ERROR_BODY = 64 * 1024
+
+
+class KeyActor:
+    """Serves jobs for one upstream key within its limits."""
+
+    def __init__(
+        self,
+        key: UpstreamKey,
+        client: UpstreamClient,
+        metrics: Metrics,
+        *,
+        inbox_size: int,
+        first_byte_timeout_s: float,
+        idle_timeout_s: float,
+        on_disable: OnDisable,
+    ) -> None:
+        self.key = key
+        self._client = client
+        self._metrics = metrics
+        self._first_byte_timeout_s = first_byte_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._on_disable = on_disable
+        now = trio.current_time()
+        self.health = KeyHealth(now)
+        if key.status != "active":
+            self.health.disable(key.disabled_reason or "disabled")
+        self.rpm = TokenBucket(key.rpm, key.rpm / 60.0, now) if key.rpm else None
+        self.tpm = TokenBucket(key.tpm, key.tpm / 60.0, now) if key.tpm else None
+        self.inbox_size = inbox_size
+        self._send, self._receive = trio.open_memory_channel[Job](inbox_size)
+        self.queued = 0
+        self.inflight = 0
+        self._url_base = key.base_url.rstrip("/")
+        self._nursery: trio.Nursery | None = None
+
+    # -- read by the router --------------------------------------------------------------
+
+    def serves(self, model: str) -> bool:
+        return model in self.key.models
+
+    def can_take(self, now: float, tokens: int) -> bool:
+        """Whether a job of ``tokens`` estimated tokens would be admitted right away."""
+        if self.queued >= self.inbox_size or not self.health.available(now):
+            return False
+        if self.queued + self.inflight >= self.key.max_concurrency:
+            return False
+        if self.rpm is not None and self.rpm.level(now) < 1:
+            return False
+        return self.tpm is None or self.tpm.level(now) >= min(tokens, self.tpm.capacity)
+
+    def has_room(self) -> bool:
+        return self.queued < self.inbox_size
+
+    def retry_after(self, now: float) -> float | None:
+        """Seconds until this key may take work again (None: not known / disabled)."""
+        if self.health.state(now) == HealthState.DISABLED:
+            return None
+        waits = [self.health.retry_after(now) or 0.0]
+        if self.rpm is not None:
+            waits.append(self.rpm.delay_until(1, now))
+        return max(waits)
+
+    # -- fed by the dispatcher -----------------------------------------------------------
+
+    def submit_nowait(self, job: Job) -> bool:
+        try:
+            self._send.send_nowait(job)
+        except (trio.WouldBlock, trio.ClosedResourceError):
+            return False
+        self.queued += 1
+        return True
+
+    async def submit(self, job: Job) -> None:
+        await self._send.send(job)
+        self.queued += 1
+
+    # -- the actor ----------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run ``max_concurrency`` workers until ``close`` is called and the inbox drains."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            async with self._receive:
+                for _ in range(self.key.max_concurrency):
+                    nursery.start_soon(self._worker, self._receive.clone())
+            task_status.started()
+
+    def close(self) -> None:
+        """Stop taking jobs; queued ones are still answered, then the workers exit."""
+        self._send.close()
+
+    async def _worker(self, inbox: trio.MemoryReceiveChannel[Job]) -> None:
+        async with inbox:
+            async for job in inbox:
+                self.queued -= 1
+                await self._serve(job)
+
+    async def _serve(self, job: Job) -> None:
+        async with job.reply:
+            if job.aborted:
+                return
+            now = trio.current_time()
+            if not self.health.available(now):
+                await self._refuse(job, FailureClass.TRANSIENT, "key is not available")
+                return
+            if not await self._admit(job):
+                await self._refuse(job, FailureClass.RATE_LIMITED, "key rate limit reached")
+                return
+            self.health.begin(trio.current_time())
+            self.inflight += 1
+            reserved = job.prompt_estimate + job.max_output
+            failure: Failure | None = None
+            try:
+                with trio.CancelScope() as scope:
+                    job.attach(scope)
+                    failure = await self._execute(job)
+            finally:
+                self.inflight -= 1
+                self._settle(job, reserved)
+            self._record(job, failure)
+
+    async def _admit(self, job: Job) -> bool:
+        """Take one request from rpm and the reservation from tpm, waiting a little."""
+        while True:
+            now = trio.current_time()
+            tokens = min(job.prompt_estimate + job.max_output, self.tpm.capacity) \
+                if self.tpm is not None else 0
+            wait = 0.0
+            if self.rpm is not None:
+                wait = self.rpm.delay_until(1, now)
+            if self.tpm is not None:
+                wait = max(wait, self.tpm.delay_until(tokens, now))
+            if wait <= 0:
+                if self.rpm is not None:
+                    self.rpm.try_take(1, now)
+                if self.tpm is not None:
+                    self.tpm.try_take(tokens, now)
+                return True
+            if math.isinf(wait) or now + wait > job.deadline or job.aborted:
+                return False
+            await trio.sleep(wait)
+
+    def _settle(self, job: Job, reserved: int) -> None:
+        if self.tpm is None:
+            return
+        now = trio.current_time()
+        reserved = min(reserved, int(self.tpm.capacity))
+        used = job.usage.total if job.usage is not None else \
+            job.prompt_estimate + job.counter.completion_tokens_estimate
+        if used < reserved:
+            self.tpm.give_back(reserved - used, now)
+        elif used > reserved:
+            self.tpm.take_debt(used - reserved, now)
+
+    async def _refuse(self, job: Job, kind: FailureClass, message: str) -> None:
+        failure = Failure(kind=kind, retry_after_s=self.retry_after(trio.current_time()),
+                          upstream_type=None, upstream_code=None, failover=True,
+                          affects_health=False)
+        await self._fail(job, failure, message)
+
+    async def _execute(self, job: Job) -> Failure | None:
+        """Call the upstream and relay; return the failure that counts against the key."""
+        body = dict(job.body)
+        body["model"] = self.key.model_map.get(job.public_model, job.public_model)
+        if job.stream and job.endpoint != "embeddings":
+            options = dict(body.get("stream_options") or {})
+            options["include_usage"] = True
+            body["stream_options"] = options
+        payload = orjson.dumps(body)
+        url = self._url_base + job.upstream_path
+        job.upstream_key_id = self.key.id
+        job.upstream_started_at = trio.current_time()
+        try:
+            with trio.move_on_after(self._first_byte_timeout_s) as first_byte:
+                async with self._client.post(url, self.key.api_key, payload) as response:
+                    first_byte.deadline = math.inf
+                    job.status = response.status
+                    if response.status >= 400:
+                        return await self._upstream_error(job, response)
+                    await job.reply.send(Started(
+                        response.status,
+                        response.headers.get("content-type", "application/json"),
+                        self.key.id,
+                    ))
+                    return await relay_body(job, response, self._idle_timeout_s,
+                                            self._first_byte_timeout_s)
+            failure = classify(None, None, timeout=True)
+            await self._fail(job, failure, "upstream did not answer in time")
+            return failure
+        except TransportFailure as exc:
+            await self._fail(job, exc.failure, f"upstream connection failed ({exc})")
+            return exc.failure
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return None  # the dispatcher stopped listening: nothing to blame the key for
+        finally:
+            job.upstream_ended_at = trio.current_time()
+
+    async def _upstream_error(self, job: Job, response: UpstreamResponse) -> Failure:
+        status = response.status
+        body = await response.read(_MAX_ERROR_BODY)
+        failure = classify(status, body)
+        header = parse_retry_after(response.headers.get("retry-after"), time.time())
+        if header is not None:
+            failure = dataclasses.replace(failure, retry_after_s=header)
+        if failure.failover:
+            await self._fail(job, failure, f"upstream answered {status}")
+        else:
+            # The caller's own fault: the upstream's answer is the right one to show.
+            await job.reply.send(Started(status, "application/json", self.key.id))
+            await job.reply.send(body)
+        return failure
+
+    async def _fail(self, job: Job, failure: Failure, message: str) -> None:
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await job.reply.send(Failed(failure, message, self.key.id))
+
+    def _record(self, job: Job, failure: Failure | None) -> None:
+        now = trio.current_time()
+        if failure is None:
+            if (job.status and job.status < 400) or job.aborted:
+                self.health.record_success(now)
+            return
+        self._metrics.upstream_failures.labels(failure.kind.value).inc()
+        if not failure.affects_health:
+            return
+        self.health.record_failure(failure.kind, now, failure.retry_after_s)
+        if self.health.state(now) == HealthState.DISABLED and self._nursery is not None:
+            reason = f"auto-disabled: {failure.kind.value}"
+            log.warning("upstream key %s disabled (%s)", self.key.id, failure.kind.value)
+            self._nursery.start_soon(self._on_disable, self.key.id, reason)

@@ -1,0 +1,134 @@
+"""The key pool: supervisor of the key actors, and the router that picks one per attempt.
+
+Owns the set of running ``KeyActor`` s. Admin changes call ``apply`` with the new key
+rows; actors are started, replaced or stopped without a restart, each in its own cancel
+scope under the pool's nursery. ``pick`` chooses the highest priority tier that has a
+key able to take the job now, then draws among that tier's keys by weight.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Iterable
+
+import trio
+
+from observability.metrics import Metrics
+from store.upstream_keys import UpstreamKey
+from workers.health import HealthState
+from workers.keyactor import KeyActor, OnDisable
+from workers.upstream import UpstreamClient
+
+log = logging.getLogger("airgate.pool")
+
+
+class KeyPool:
+    """Starts, replaces and stops key actors; routes jobs among them."""
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        metrics: Metrics,
+        *,
+        inbox_size: int,
+        first_byte_timeout_s: float,
+        idle_timeout_s: float,
+        on_disable: OnDisable,
+        rng: random.Random | None = None,
+    ) -> None:
+        self._client = client
+        self._metrics = metrics
+        self._inbox_size = inbox_size
+        self._first_byte_timeout_s = first_byte_timeout_s
+        self._idle_timeout_s = idle_timeout_s
+        self._on_disable = on_disable
+        self._rng = rng or random.Random()
+        self.actors: dict[str, KeyActor] = {}
+        self._nursery: trio.Nursery | None = None
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            task_status.started()
+            await trio.sleep_forever()
+
+    async def apply(self, keys: Iterable[UpstreamKey]) -> None:
+        """Make the running actors match ``keys`` (the full set)."""
+        wanted = {k.id: k for k in keys}
+        for key_id in list(self.actors):
+            if key_id not in wanted:
+                self._stop(key_id)
+        for key in wanted.values():
+            current = self.actors.get(key.id)
+            if current is not None and current.key == key:
+                continue
+            await self.put(key)
+
+    async def put(self, key: UpstreamKey) -> None:
+        """Start an actor for ``key``, replacing (and draining) any older one."""
+        assert self._nursery is not None, "KeyPool.run must be started first"
+        if key.id in self.actors:
+            self._stop(key.id)
+        actor = self._make_actor(key)
+        await self._nursery.start(actor.run)
+        self.actors[key.id] = actor
+
+    def remove(self, key_id: str) -> None:
+        if key_id in self.actors:
+            self._stop(key_id)
+
+    def _stop(self, key_id: str) -> None:
+        actor = self.actors.pop(key_id)
+        actor.close()  # queued jobs are still answered; in-flight streams finish
+
+    def _make_actor(self, key: UpstreamKey) -> KeyActor:
+        return KeyActor(
+            key, self._client, self._metrics,
+            inbox_size=self._inbox_size,
+            first_byte_timeout_s=self._first_byte_timeout_s,
+            idle_timeout_s=self._idle_timeout_s,
+            on_disable=self._on_disable,
+        )
+
+    # -- routing ------------------------------------------------------------------------
+
+    def serving(self, model: str) -> list[KeyActor]:
+        return [a for a in self.actors.values() if a.serves(model)]
+
+    def pick(self, model: str, tokens: int, exclude: set[str]) -> KeyActor | None:
+        """The actor for the next attempt, or None when no key can take it now."""
+        tiers: dict[int, list[KeyActor]] = {}
+        for actor in self.actors.values():
+            if actor.key.id not in exclude and actor.serves(model):
+                tiers.setdefault(actor.key.priority, []).append(actor)
+        now = trio.current_time()
+        for priority in sorted(tiers, reverse=True):
+            ready = [a for a in tiers[priority] if a.can_take(now, tokens)]
+            if ready:
+                if len(ready) == 1:
+                    return ready[0]
+                return self._rng.choices(ready, weights=[a.key.weight for a in ready])[0]
+        return None
+
+    def fallback(self, model: str, exclude: set[str]) -> KeyActor | None:
+        """A healthy key whose inbox has room, to queue on when none can take work now."""
+        now = trio.current_time()
+        candidates = [
+            a for a in self.serving(model)
+            if a.key.id not in exclude and a.has_room() and a.health.available(now)
+        ]
+        if not candidates:
+            return None
+        return min(candidates, key=lambda a: (-a.key.priority, a.queued + a.inflight))
+
+    def retry_after(self, model: str, now: float) -> float | None:
+        waits = [w for a in self.serving(model) if (w := a.retry_after(now)) is not None]
+        return min(waits) if waits else None
+
+    def health_counts(self) -> dict[str, int]:
+        now = trio.current_time()
+        counts = {state.value: 0 for state in HealthState}
+        for actor in self.actors.values():
+            counts[actor.health.state(now).value] += 1
+        return counts

@@ -1,0 +1,126 @@
+"""Relaying an upstream body to the job's reply channel while counting tokens.
+
+Owns the per-chunk hot loop: raw upstream bytes are split into SSE events, each event's
+data is fed to the job's token counter, and the events' original bytes are forwarded
+unchanged (never re-encoded). Events that arrived together leave together. The only
+event dropped is the usage-only chunk the gateway asked for on the client's behalf when
+the client did not ask for it. Ends a failed stream with an OpenAI-shaped error event.
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+import trio
+
+from workers.failure import Failure, FailureClass, classify
+from workers.job import Job
+from workers.sse import SSESplitter
+from workers.tokens import MalformedChunk, usage_from_response
+from workers.upstream import TransportFailure, UpstreamResponse
+
+
+def error_event(message: str, type_: str, code: str | None) -> bytes:
+    """A ``data:`` event carrying an OpenAI error object, as OpenAI sends mid-stream."""
+    payload = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+async def relay_body(
+    job: Job, response: UpstreamResponse, idle_timeout_s: float, first_byte_timeout_s: float
+) -> Failure | None:
+    """Forward the body; return the failure to record against the key, if any."""
+    if not job.stream:
+        return await _relay_whole(job, response, first_byte_timeout_s)
+    return await _relay_stream(job, response, idle_timeout_s, first_byte_timeout_s)
+
+
+async def _relay_whole(
+    job: Job, response: UpstreamResponse, timeout_s: float
+) -> Failure | None:
+    with trio.move_on_after(timeout_s):
+        try:
+            body = await response.read()
+        except TransportFailure as exc:
+            await job.reply.send(_error_json(exc.failure, "upstream connection broke"))
+            return exc.failure
+        job.first_byte_at = trio.current_time()
+        try:
+            job.usage = usage_from_response(orjson.loads(body))
+        except (orjson.JSONDecodeError, TypeError, ValueError):
+            job.usage = None
+        await job.reply.send(body)
+        return None
+    failure = classify(None, None, timeout=True)
+    await job.reply.send(_error_json(failure, "upstream timed out"))
+    return failure
+
+
+def _error_json(failure: Failure, message: str) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": "upstream_error", "param": None,
+                   "code": failure.kind.value}}
+    )
+
+
+async def _relay_stream(
+    job: Job, response: UpstreamResponse, idle_timeout_s: float, first_byte_timeout_s: float
+) -> Failure | None:
+    splitter = SSESplitter()
+    counter = job.counter
+    budget = job.token_budget if job.token_budget is not None else math.inf
+    done = False
+    forwarded_error = False  # the upstream's own in-stream error event went through
+    failure: Failure | None = None
+    chunks = response.chunks()
+    with trio.CancelScope(deadline=trio.current_time() + first_byte_timeout_s) as idle:
+        try:
+            async for data in chunks:
+                idle.deadline = trio.current_time() + idle_timeout_s
+                out: list[bytes] = []
+                for event in splitter.feed(data):
+                    if event.data is None:
+                        continue  # upstream comments and pings: we send our own
+                    info = counter.feed(event.data)
+                    if info.done:
+                        done = True
+                    elif info.usage_only and not job.include_usage:
+                        continue
+                    elif info.error is not None:
+                        # The upstream reported an error in-stream: pass it on and stop.
+                        out.append(event.raw)
+                        failure = classify(None, orjson.dumps({"error": info.error}))
+                        break
+                    out.append(event.raw)
+                if out:
+                    if job.first_byte_at is None:
+                        job.first_byte_at = trio.current_time()
+                    await job.reply.send(out[0] if len(out) == 1 else b"".join(out))
+                if failure is not None:
+                    forwarded_error = True
+                    break
+                if counter.completion_tokens_estimate > budget:
+                    job.cut_for_quota = True
+                    await job.reply.send(error_event(
+                        "You exceeded your current quota; the stream was stopped.",
+                        "insufficient_quota", "insufficient_quota"))
+                    break
+        except TransportFailure as exc:
+            failure = exc.failure
+        except MalformedChunk:
+            failure = Failure(kind=FailureClass.TRANSIENT, retry_after_s=None,
+                              upstream_type=None, upstream_code="malformed_chunk",
+                              failover=False, affects_health=True)
+        finally:
+            await chunks.aclose()
+    job.usage = counter.upstream_usage
+    if idle.cancelled_caught:
+        failure = classify(None, None, timeout=True)
+    elif failure is None and not done and not job.cut_for_quota:
+        failure = classify(None, None, connect_error=True)  # cut off before [DONE]
+    if failure is not None and not forwarded_error:
+        await job.reply.send(error_event(
+            f"The upstream stream failed ({failure.kind.value}).", "upstream_error",
+            failure.upstream_code or failure.kind.value))
+    return failure
