@@ -74,7 +74,7 @@ async def serve(
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``stop`` is set (or SIGINT/SIGTERM)."""
-    stop = stop or trio.Event()
+    stop = trio.Event() if stop is None else stop
     async with open_database_for(settings) as db:
         applied = await apply_migrations(db)
         if applied:

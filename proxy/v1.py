@@ -91,6 +91,7 @@ class V1App:
         )
         reply: Reply | None = None
         status = 500
+        reply_done = [False]
         gw.metrics.active_streams.inc()
         try:
             with trio.CancelScope() as scope_guard:
@@ -100,12 +101,14 @@ class V1App:
                         reply = await gw.dispatcher.open(req, max(budget - prompt, 0))
                     except GatewayError as err:
                         status = err.status
+                        reply_done[0] = True
                         await send_error(send, err, rid)
                     else:
                         status = reply.started.status
-                        await self._relay(send, reply, rid)
+                        await self._relay(send, reply, rid, reply_done)
                     nursery.cancel_scope.cancel()
-            if scope_guard.cancelled_caught:
+            # hypercorn also reports a disconnect once a reply is complete: not a 499.
+            if scope_guard.cancelled_caught and not reply_done[0]:
                 status = _DISCONNECTED
         finally:
             gw.metrics.active_streams.dec()
@@ -115,11 +118,15 @@ class V1App:
             gw.metrics.requests.labels(route, req.model, f"{status // 100}xx").inc()
             gw.metrics.latency.labels(route).observe(elapsed)
 
-    async def _relay(self, send: Send, reply: Reply, rid: tuple[bytes, bytes]) -> None:
+    async def _relay(
+        self, send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool]
+    ) -> None:
+        """Send the reply; ``done[0]`` is set just before its last byte is handed over."""
         started = reply.started
         if not reply.request.stream or started.status >= 400:
             body = b"".join([chunk async for chunk in reply.chunks()])
             headers = [(b"content-type", started.content_type.encode()), rid]
+            done[0] = True
             await send_whole(send, started.status, body, headers)
             return
         await send({"type": "http.response.start", "status": started.status,
@@ -135,6 +142,7 @@ class V1App:
             if chunk is None:
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+        done[0] = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _models(self, scope: Scope, send: Send, rid: tuple[bytes, bytes]) -> None:

@@ -8,8 +8,8 @@ always the caller's ``now`` (seconds on any monotonic clock).
 States and transitions::
 
     healthy  --RATE_LIMITED-->            cooling  (max(retry_after, rate back-off))
-    healthy  --TRANSIENT/TIMEOUT/CONNECT-> cooling  (max(retry_after, base * 2**(n-1) capped)),
-                                          open     when n reaches failure_threshold
+    healthy  --TRANSIENT/TIMEOUT/CONNECT-> cooling  (max(retry_after, base * 2**(n-1) capped))
+                                          or open  when n reaches failure_threshold
     cooling  --time reaches the end-->    healthy  (the failure streak is kept)
     open     --time reaches the end-->    half_open (admits exactly one probe)
     half_open --probe fails-->            open again

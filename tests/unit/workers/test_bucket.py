@@ -240,9 +240,7 @@ TestBucketMachine = BucketMachine.TestCase
     st.integers(1, 10_000),
     st.lists(st.tuples(st.sampled_from(["take", "back", "debt"]), amounts, steps), max_size=50),
 )
-def test_op_list_never_exceeds_capacity(
-    capacity: int, ops: list[tuple[str, float, float]]
-) -> None:
+def test_op_list_never_exceeds_capacity(capacity: int, ops: list[tuple[str, float, float]]) -> None:
     bucket = TokenBucket(capacity, capacity / 60, now=0.0)
     now = 0.0
     for op, amount, dt in ops:

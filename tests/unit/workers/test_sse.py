@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -228,7 +230,7 @@ def split_stream(draw: st.DrawFn, source: st.SearchStrategy[bytes]) -> tuple[byt
     stream = draw(source)
     cuts = sorted(draw(st.lists(st.integers(0, len(stream)), max_size=12)))
     bounds = [0, *cuts, len(stream)]
-    return stream, [stream[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return stream, [stream[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 @given(split_stream(streams))

@@ -1,0 +1,150 @@
+"""End-to-end harness: a real gateway (``serve``) on loopback, the real mock upstream, a
+fresh Postgres database per test, and the official ``openai`` SDK as the client.
+
+The SDK is synchronous here and runs in a worker thread (``trio.to_thread``), so its
+HTTP traffic crosses real sockets to the gateway running in this trio run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from functools import partial
+from typing import Any, TypeVar
+
+import httpx
+import openai
+import pytest
+import trio
+
+from loadtest.mock_upstream import MockConfig, run_mock_upstream
+from proxy.gateway import Gateway
+from proxy.serve import serve
+from proxy.settings import Settings
+from store.apikeys import create_api_key
+from store.upstream_keys import UpstreamKey, create_upstream_key
+from store.users import create_user
+
+T = TypeVar("T")
+
+ADMIN_EMAIL = "admin@airgate.test"
+ADMIN_PASSWORD = "admin-password-1"
+MODELS = ["deepseek-v4-flash", "gpt-4o-mini", "text-embedding-3-small"]
+
+
+@dataclass
+class Harness:
+    gw: Gateway
+    base_url: str
+    mock_url: str
+    stop: trio.Event
+    users: list[str] = field(default_factory=list)
+    clients: list[openai.OpenAI] = field(default_factory=list)
+
+    async def add_key(self, secret: str = "mock-healthy", **values: Any) -> UpstreamKey:
+        row = {"name": values.pop("name", secret), "base_url": self.mock_url,
+               "api_key": secret, "models": MODELS, **values}
+        key = await create_upstream_key(self.gw.db, row)
+        await self.gw.pool.put(key)
+        return key
+
+    async def add_user(self, *, token_limit: int = 1_000_000, plan: str | None = None,
+                       expires_in_s: float | None = 86400.0) -> tuple[str, str]:
+        """A user with quota and one API key; returns ``(user_id, sk-key)``."""
+        user = await create_user(self.gw.db, email=f"u{len(self.users)}@airgate.test",
+                                 password_hash="scrypt$unused", token_limit=token_limit)
+        expires = None if expires_in_s is None else \
+            datetime.now(UTC) + timedelta(seconds=expires_in_s)
+        await self.gw.db.execute("UPDATE users SET plan = $2, expires_at = $3 WHERE id = $1",
+                                 user.id, plan, expires)
+        _, secret = await create_api_key(self.gw.db, user.id)
+        self.users.append(user.id)
+        return user.id, secret
+
+    def client(self, api_key: str, **kwargs: Any) -> openai.OpenAI:
+        client = openai.OpenAI(api_key=api_key, base_url=self.base_url + "/v1",
+                               max_retries=kwargs.pop("max_retries", 0),
+                               timeout=kwargs.pop("timeout", 20.0), **kwargs)
+        self.clients.append(client)
+        return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            client.close()
+
+    async def usage_rows(self, user_id: str) -> list[dict[str, Any]]:
+        """The user's usage rows once every record handed to the batcher is written."""
+        rows = await self.gw.db.fetch(
+            "SELECT * FROM usage_records WHERE user_id = $1 ORDER BY created_at", user_id)
+        return [dict(r) for r in rows]
+
+    async def wait_for_usage(self, user_id: str, count: int) -> list[dict[str, Any]]:
+        with trio.fail_after(10):
+            while True:
+                rows = await self.usage_rows(user_id)
+                if len(rows) >= count:
+                    return rows
+                await trio.sleep(0.02)
+
+    async def mock_stats(self) -> dict[str, Any]:
+        async with httpx.AsyncClient() as client:
+            response = await client.get(self.mock_url.removesuffix("/v1") + "/_mock/stats")
+            data: dict[str, Any] = response.json()
+            return data
+
+
+async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking SDK call off the event loop."""
+    return await trio.to_thread.run_sync(partial(fn, *args, **kwargs))
+
+
+def gateway_settings(dsn: str, **overrides: Any) -> Settings:
+    values: dict[str, Any] = {
+        "database_url": dsn, "host": "127.0.0.1", "port": 0, "flush_interval_s": 0.05,
+        "admin_email": ADMIN_EMAIL, "admin_password": ADMIN_PASSWORD,
+        "first_byte_timeout_s": 5.0, "idle_timeout_s": 5.0, "shutdown_grace_s": 5.0,
+        "dispatch_wait_s": 1.0, "jwt_secret": "test-secret-" + "x" * 32,
+    }
+    values.update(overrides)
+    return Settings(**values)
+
+
+@pytest.fixture
+async def mock_url(nursery: trio.Nursery) -> str:
+    port = await nursery.start(partial(run_mock_upstream, MockConfig()))
+    return f"http://127.0.0.1:{port}/v1"
+
+
+async def run_gateway(
+    settings: Settings, stop: trio.Event, ready: dict[str, Gateway], done: trio.Event,
+    *, task_status: trio.TaskStatus[list[str]],
+) -> None:
+    async def on_ready(gw: Gateway, binds: list[str]) -> None:
+        ready["gw"] = gw
+
+    try:
+        await serve(settings, stop=stop, on_ready=on_ready, task_status=task_status)
+    finally:
+        done.set()
+
+
+async def start_gateway(
+    nursery: trio.Nursery, settings: Settings, mock_url: str
+) -> tuple[Harness, trio.Event]:
+    stop, done = trio.Event(), trio.Event()
+    ready: dict[str, Gateway] = {}
+    binds = await nursery.start(partial(run_gateway, settings, stop, ready, done))
+    return Harness(ready["gw"], binds[0], mock_url, stop), done
+
+
+@pytest.fixture
+async def harness(
+    nursery: trio.Nursery, pg_dsn: str, mock_url: str
+) -> AsyncIterator[Harness]:
+    h, done = await start_gateway(nursery, gateway_settings(pg_dsn), mock_url)
+    yield h
+    h.close_clients()
+    h.stop.set()
+    with trio.fail_after(20):
+        await done.wait()
