@@ -17,6 +17,9 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 Headers = list[tuple[bytes, bytes]]
 
+# Oversized bodies up to this size are drained so the client can read our 413.
+DISCARD_CAP = 64 * 1024 * 1024
+
 
 class BodyTooLargeError(Exception):
     """The request body is over the configured limit."""
@@ -34,9 +37,14 @@ def header(scope: Scope, name: bytes) -> bytes | None:
 
 
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
-    """The whole request body, refusing more than ``limit`` bytes."""
+    """The whole request body, refusing more than ``limit`` bytes.
+
+    An oversized body is read and discarded (up to ``DISCARD_CAP``) before refusing, so
+    that clients which finish writing before they read (most do) see the 413.
+    """
     length = header(scope, b"content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
+    declared = int(length) if length is not None and length.isdigit() else None
+    if declared is not None and declared > DISCARD_CAP:
         raise BodyTooLargeError
     parts: list[bytes] = []
     size = 0
@@ -45,12 +53,14 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLargeError
+        size += len(chunk)
+        if size > DISCARD_CAP:
+            raise BodyTooLargeError
+        if chunk and size <= limit:
             parts.append(chunk)
         if not message.get("more_body", False):
+            if size > limit:
+                raise BodyTooLargeError
             return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

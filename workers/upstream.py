@@ -8,8 +8,9 @@ Imports nothing from the gateway but ``workers.failure``.
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
+from typing import cast
 
 import httpx
 
@@ -33,8 +34,10 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; transport errors surface as ``TransportFailure``."""
         try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
+            raw_iter = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())
+            async with aclosing(raw_iter) as raw:
+                async for chunk in raw:
+                    yield chunk
         except httpx.HTTPError as exc:
             raise _failure_for(exc) from exc
 
@@ -42,11 +45,12 @@ class UpstreamResponse:
         """The whole body (or its first ``limit`` bytes)."""
         parts: list[bytes] = []
         size = 0
-        async for chunk in self.chunks():
-            parts.append(chunk)
-            size += len(chunk)
-            if limit is not None and size >= limit:
-                break
+        async with aclosing(self.chunks()) as chunks:
+            async for chunk in chunks:
+                parts.append(chunk)
+                size += len(chunk)
+                if limit is not None and size >= limit:
+                    break
         return b"".join(parts)
 
 

@@ -7,7 +7,7 @@ HTTP traffic crosses real sockets to the gateway running in this trio run.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
@@ -92,6 +92,15 @@ class Harness:
             response = await client.get(self.mock_url.removesuffix("/v1") + "/_mock/stats")
             data: dict[str, Any] = response.json()
             return data
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
+    """Wait until ``check()`` holds: state that lives in another server, read by polling."""
+    with trio.fail_after(timeout_s):
+        while True:
+            if await check():
+                return
+            await trio.sleep(0.01)
 
 
 async def in_thread(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
