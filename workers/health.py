@@ -181,6 +181,14 @@ class KeyHealth:
         else:  # pragma: no cover - every FailureClass member is handled above
             raise AssertionError(kind)
 
+    def abandon(self, now: float) -> None:
+        """A request ended with no verdict on the key (its client left before any answer).
+
+        Frees a half-open probe slot so another request can probe; changes nothing else.
+        """
+        self._advance(now)
+        self._probe_in_flight = False
+
     def disable(self, reason: str) -> None:
         """Take the key out of rotation until :meth:`enable` (credential/quota, or an admin)."""
         self._state = HealthState.DISABLED

@@ -129,7 +129,12 @@ class KeyActor:
         async with inbox:
             async for job in inbox:
                 self.queued -= 1
-                await self._serve(job)
+                try:
+                    await self._serve(job)
+                except Exception:
+                    # A bug serving one request must not take the key (or the gateway) down;
+                    # the job's reply channel is closed, so its client gets an error.
+                    log.exception("unexpected error serving a request on key %s", self.key.id)
 
     async def _serve(self, job: Job) -> None:
         async with job.reply:
@@ -142,7 +147,12 @@ class KeyActor:
             if not await self._admit(job):
                 await self._refuse(job, FailureClass.RATE_LIMITED, "key rate limit reached")
                 return
-            self.health.begin(trio.current_time())
+            now = trio.current_time()
+            if not self.health.available(now):  # another request's result arrived meanwhile
+                self._settle(job, job.prompt_estimate + job.max_output, used=0)
+                await self._refuse(job, FailureClass.TRANSIENT, "key is not available")
+                return
+            self.health.begin(now)
             self.inflight += 1
             reserved = job.prompt_estimate + job.max_output
             failure: Failure | None = None
@@ -176,13 +186,15 @@ class KeyActor:
                 return False
             await trio.sleep(wait)
 
-    def _settle(self, job: Job, reserved: int) -> None:
+    def _settle(self, job: Job, reserved: int, used: int | None = None) -> None:
+        """Return the unused part of the tpm reservation, or take the overrun as debt."""
         if self.tpm is None:
             return
         now = trio.current_time()
         reserved = min(reserved, int(self.tpm.capacity))
-        used = job.usage.total if job.usage is not None else \
-            job.prompt_estimate + job.counter.completion_tokens_estimate
+        if used is None:
+            used = job.usage.total if job.usage is not None else \
+                job.prompt_estimate + job.counter.completion_tokens_estimate
         if used < reserved:
             self.tpm.give_back(reserved - used, now)
         elif used > reserved:
@@ -253,8 +265,10 @@ class KeyActor:
     def _record(self, job: Job, failure: Failure | None) -> None:
         now = trio.current_time()
         if failure is None:
-            if (job.status and job.status < 400) or job.aborted:
+            if job.status and job.status < 400:
                 self.health.record_success(now)
+            elif job.aborted:
+                self.health.abandon(now)  # no answer yet when the client left: no verdict
             return
         self._metrics.upstream_failures.labels(failure.kind.value).inc()
         if not failure.affects_health:
