@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import argparse
 import base64
-import contextlib
 import hashlib
 import logging
 import os
+import signal
 import struct
 import time
 from collections.abc import Awaitable, Callable
@@ -192,6 +192,13 @@ _TEXT_FINISH: Final = {
 
 def _words(text: object) -> int:
     return len(text.split()) if isinstance(text, str) else 0
+
+
+def _prompt_part_tokens(part: object) -> int:
+    """A completions prompt item: text counts words, a token id one, a token array its length."""
+    if isinstance(part, list):
+        return len(part)
+    return 1 if isinstance(part, int) else _words(part)
 
 
 def _content_words(content: object) -> int:
@@ -524,7 +531,7 @@ class MockUpstream:
         if isinstance(prompt, str):
             words = _words(prompt)
         elif isinstance(prompt, list):
-            words = sum(_words(p) if isinstance(p, str) else 1 for p in prompt)
+            words = sum(_prompt_part_tokens(p) for p in prompt)
         else:
             raise _BadRequest("prompt must be a string or an array", "prompt")
         await self._generate(request, mode, receive, send, max(1, words), chat=False)
@@ -666,10 +673,15 @@ async def _serve_and_announce(config: MockConfig, host: str, port: int) -> None:
         bound = await nursery.start(partial(run_mock_upstream, config, host=host, port=port))
         shown = f"[{host}]" if ":" in host else host
         print(f"mock upstream listening on http://{shown}:{bound}/v1", flush=True)
+        # Ctrl-C or SIGTERM stops serving by cancellation, so the CLI exits quietly.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 def main(argv: list[str] | None = None) -> None:
-    """``airgate mock-upstream``: serve the mock in the foreground until Ctrl-C."""
+    """``airgate mock-upstream``: serve the mock in the foreground until Ctrl-C or SIGTERM."""
     parser = argparse.ArgumentParser(
         prog="airgate mock-upstream", description="Serve a fast OpenAI-compatible mock upstream."
     )
@@ -686,8 +698,7 @@ def main(argv: list[str] | None = None) -> None:
         chunk_count=args.chunks,
         embedding_dim=args.embedding_dim,
     )
-    with contextlib.suppress(KeyboardInterrupt):
-        trio.run(_serve_and_announce, config, args.host, args.port)
+    trio.run(_serve_and_announce, config, args.host, args.port)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import orjson
 from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -57,8 +58,6 @@ def build_quart(gw: Gateway) -> QuartTrio:
 
 
 def _json(data: Any) -> bytes:
-    import orjson
-
     return orjson.dumps(data)
 
 

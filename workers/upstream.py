@@ -65,8 +65,16 @@ def _failure_for(exc: httpx.HTTPError) -> TransportFailure:
 class UpstreamClient:
     """A pool of HTTP connections to every provider, shared by all key actors."""
 
-    def __init__(self, *, connect_timeout_s: float, max_connections: int) -> None:
+    def __init__(
+        self,
+        *,
+        connect_timeout_s: float,
+        max_connections: int,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        """``transport`` replaces the network (tests pass an ``httpx.MockTransport``)."""
         self._client = httpx.AsyncClient(
+            transport=transport,
             timeout=httpx.Timeout(None, connect=connect_timeout_s),
             limits=httpx.Limits(
                 max_connections=max_connections, max_keepalive_connections=max_connections

@@ -186,6 +186,10 @@ async def test_completions_non_stream(client: httpx.AsyncClient) -> None:
     assert data["usage"]["prompt_tokens"] == 4
     assert data["usage"]["completion_tokens"] == CHUNKS
 
+    tokens_and_text = {"model": "m", "prompt": ["a b", [1, 2, 3]]}
+    response = await client.post("/v1/completions", json=tokens_and_text)
+    assert response.json()["usage"]["prompt_tokens"] == 5
+
 
 async def test_completions_stream(client: httpx.AsyncClient) -> None:
     body = {
