@@ -53,6 +53,10 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         print(f"airgate: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
+    if settings.workers != 1:
+        print("airgate: --workers > 1 is not supported yet; run one process per port",
+              file=sys.stderr)
+        raise SystemExit(2)
     configure_logging(settings.log_level)
     if args.command == "serve":
         from proxy.serve import serve
@@ -67,3 +71,7 @@ def main(argv: list[str] | None = None) -> None:
         from proxy.migrate import migrate
 
         trio.run(migrate, settings)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ the account in memory at once and handed to the usage batcher exactly once.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,6 +36,7 @@ from workers.pricing import Prices, cost_micro
 from workers.tokens import Usage
 
 _REPLY_BUFFER = 8
+log = logging.getLogger("airgate.dispatch")
 
 
 @dataclass(slots=True)
@@ -211,9 +213,13 @@ class Dispatcher:
             self._metrics.tokens.labels(req.model, "completion").inc(usage.completion_tokens)
             self._metrics.cost.labels(req.model).inc(cost)
         try:
-            self._usage.send_nowait(record)
-        except trio.WouldBlock:
-            await self._usage.send(record)
+            try:
+                self._usage.send_nowait(record)
+            except trio.WouldBlock:
+                await self._usage.send(record)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            # Only when the gateway was cancelled outright instead of shut down gracefully.
+            log.error("usage record %s lost: the batcher has stopped", req.request_id)
 
 
 def _usage_of(req: Request, job: Job | None) -> tuple[Usage, str]:

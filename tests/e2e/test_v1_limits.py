@@ -1,0 +1,73 @@
+"""Limits seen by clients: key rate limits, per-user rpm, keep-alive pings."""
+
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+import trio
+
+from tests.e2e.conftest import (
+    Harness,
+    gateway_settings,
+    in_thread,
+    start_gateway,
+)
+
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+async def test_a_key_at_its_rpm_gives_429_with_retry_after(harness: Harness) -> None:
+    await harness.add_key(rpm=1)
+    _, key = await harness.add_user()
+    client = harness.client(key)
+    await in_thread(client.chat.completions.create, model="deepseek-v4-flash", messages=CHAT)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
+                        messages=CHAT)
+    assert caught.value.code == "rate_limit_exceeded"
+    assert int(caught.value.response.headers["retry-after"]) >= 1
+    assert (await harness.mock_stats())["requests"]["mock-healthy"] == 1
+
+
+async def test_per_user_rpm_refuses_before_any_upstream_call(harness: Harness) -> None:
+    await harness.add_key()
+    user_id, key = await harness.add_user()
+    await harness.gw.db.execute("UPDATE users SET rpm = 2 WHERE id = $1", user_id)
+    client = harness.client(key)
+    for _ in range(2):
+        await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
+                        messages=CHAT)
+    with pytest.raises(openai.RateLimitError) as caught:
+        await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
+                        messages=CHAT)
+    assert caught.value.code == "rate_limit_exceeded"
+    assert "retry-after" in caught.value.response.headers
+    assert (await harness.mock_stats())["requests"]["mock-healthy"] == 2
+
+
+async def test_idle_stream_gets_ping_comments_before_the_first_token(
+    nursery: trio.Nursery, pg_dsn: str, mock_url: str
+) -> None:
+    h, done = await start_gateway(nursery, gateway_settings(pg_dsn, ping_interval_s=0.05),
+                                  mock_url)
+    await h.add_key()
+    _, key = await h.add_user()
+    body = {"model": "deepseek-v4-flash", "messages": CHAT, "stream": True,
+            "mock": {"ttft_ms": 400, "chunks": 2}}
+    lines: list[str] = []
+    async with httpx.AsyncClient(timeout=10) as client, client.stream(
+        "POST", h.base_url + "/v1/chat/completions", json=body,
+        headers={"authorization": f"Bearer {key}"},
+    ) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        assert response.headers["x-accel-buffering"] == "no"
+        assert "content-encoding" not in response.headers
+        lines = [line async for line in response.aiter_lines() if line]
+    first_token = next(i for i, line in enumerate(lines) if '"content":"tok' in line)
+    assert ": ping" in lines[:first_token]  # the upstream was silent for 400 ms
+    assert all(line == ": ping" or line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    h.stop.set()
+    with trio.fail_after(20):
+        await done.wait()
