@@ -65,7 +65,8 @@ async def test_sigterm_with_streams_in_flight_loses_no_usage(
                AIRGATE_ADMIN_EMAIL="root@airgate.test", AIRGATE_ADMIN_PASSWORD="root-pass-1",
                AIRGATE_FLUSH_INTERVAL_S="5")
     log = (tmp_path / "serve.log").open("wb")
-    proc = subprocess.Popen([*AIRGATE, "serve"], env=env, stdout=log, stderr=log)
+    proc = await trio.lowlevel.open_process([*AIRGATE, "serve"], env=env, stdout=log,
+                                            stderr=log)
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base, timeout=20) as api:
@@ -116,15 +117,14 @@ async def test_sigterm_with_streams_in_flight_loses_no_usage(
                 await event.wait()
             proc.send_signal(signal.SIGTERM)
         with trio.fail_after(30):
-            while proc.poll() is None:
-                await trio.sleep(0.05)
-        assert proc.returncode == 0
+            assert await proc.wait() == 0
         assert counts == [10] * 4
         async with open_store(pg_dsn, pool_size=1) as db:
             rows = await db.fetch("SELECT completion_tokens, status FROM usage_records")
         assert sorted((r["completion_tokens"], r["status"]) for r in rows) == [(10, 200)] * 4
     finally:
-        if proc.poll() is None:
+        if proc.returncode is None:
             proc.kill()
-        proc.wait()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
         log.close()
