@@ -64,6 +64,11 @@ class Metrics:
             "airgate_usage_flush_failures", "Usage flushes that failed and will be retried",
             registry=r,
         )
+        self.batch_rejected = Counter(
+            "airgate_usage_records_rejected",
+            "Usage records the database refused (logged in full for reconciliation)",
+            registry=r,
+        )
         self.batch_written = Counter(
             "airgate_usage_records_written", "Usage records written to Postgres", registry=r,
         )

@@ -15,7 +15,7 @@ import trio
 
 from observability.metrics import Metrics
 from store.db import Database
-from store.errors import StoreError
+from store.errors import ConnectionLost, StoreError
 from store.usage import UsageRecord, write_usage
 
 log = logging.getLogger("airgate.batcher")
@@ -42,6 +42,7 @@ class UsageBatcher:
         self.sender, self._inbox = trio.open_memory_channel[UsageRecord](inbox_size)
         self._pending: list[UsageRecord] = []
         self.written = 0
+        self.rejected: list[UsageRecord] = []  # records the database refused outright
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Flush until every sender is closed, then flush the rest and return."""
@@ -86,16 +87,39 @@ class UsageBatcher:
             except (trio.WouldBlock, trio.EndOfChannel, trio.ClosedResourceError):
                 return
 
+    async def _write_singly(self, batch: list[UsageRecord]) -> int:
+        inserted = 0
+        for record in batch:
+            try:
+                inserted += await write_usage(self._db, [record])
+            except ConnectionLost:
+                raise
+            except StoreError as exc:
+                self.rejected.append(record)
+                self._metrics.batch_rejected.inc()
+                log.error("usage record refused by the database, kept in the log: %r (%s)",
+                          record, exc)
+        return inserted
+
     async def _flush(self) -> bool:
         """Write up to one batch; return False (and keep the records) on failure."""
         batch = self._pending[: self._batch_size]
         started = trio.current_time()
         try:
             inserted = await write_usage(self._db, batch)
-        except StoreError as exc:
+        except ConnectionLost as exc:
             self._metrics.batch_failures.inc()
             log.warning("usage flush of %d records failed: %s", len(batch), exc)
             return False
+        except StoreError as exc:
+            # The database refused the batch itself: find the record(s) it refuses so one
+            # bad record cannot hold back every other bill forever.
+            log.warning("usage batch refused (%s); writing its records one by one", exc)
+            try:
+                inserted = await self._write_singly(batch)
+            except ConnectionLost:
+                self._metrics.batch_failures.inc()
+                return False  # those written already are skipped on retry (request id)
         del self._pending[: len(batch)]
         self.written += inserted
         self._metrics.batch_written.inc(inserted)
