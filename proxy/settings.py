@@ -57,6 +57,12 @@ class Settings:
     flush_batch_size: int = 500
     shutdown_grace_s: float = 30.0
     upstream_max_connections: int = 1000
+    order_ttl_s: int = 300  # a pending wxpay order (and its QR code) expires after this
+    invite_rebate_percent: int = 10  # of each invitee's confirmed payment, to the inviter
+    reconcile_interval_s: float = 60.0  # query pending orders whose notification is late
+    public_url: str = ""  # where WeChat Pay reaches us; empty: http://host:port
+    login_failures_per_account: int = 5  # failed logins per 15 min before 429
+    login_failures_per_ip: int = 20
     log_level: str = "info"
     access_log: bool = True
 
@@ -70,11 +76,14 @@ class Settings:
             "db_pool_size", "jwt_ttl_s", "max_body_bytes", "connect_timeout_s",
             "first_byte_timeout_s", "idle_timeout_s", "ping_interval_s", "max_attempts",
             "dispatch_wait_s", "actor_inbox_size", "flush_interval_s", "flush_batch_size",
-            "upstream_max_connections",
+            "upstream_max_connections", "order_ttl_s", "reconcile_interval_s",
+            "login_failures_per_account", "login_failures_per_ip",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be positive")
+        if not 0 <= self.invite_rebate_percent <= 100:
+            problems.append("invite_rebate_percent must be within 0..100")
         if self.shutdown_grace_s < 0:
             problems.append("shutdown_grace_s must not be negative")
         if self.log_level not in {"debug", "info", "warning", "error"}:

@@ -57,3 +57,8 @@ async def upsert_model(
         id, display_name, model_group, owned_by, status, input_price, output_price,
         cached_price, tags,
     )
+
+
+async def delete_model(db: Database, model_id: str) -> bool:
+    result = await db.execute("DELETE FROM models WHERE id = $1", model_id)
+    return result.endswith(" 1")

@@ -136,6 +136,11 @@ class Accounts:
             rpm=rpm,
         )
 
+    def used_tokens(self, user_id: str, stored: int) -> int:
+        """Tokens used, counting what is charged in memory but not yet flushed."""
+        account = self._users.get(user_id)
+        return stored if account is None else max(stored, account.token_used)
+
     def check(self, account: Account, model_group: str, reserve: int) -> int:
         """Admit one request or raise; reserve ``reserve`` tokens; return the token budget."""
         if account.status != "active":

@@ -15,22 +15,29 @@ class GatewayError(Exception):
 
     status: ClassVar[int] = 500
     type: ClassVar[str] = "server_error"
-    code: ClassVar[str | None] = None
+    code: str | None = None  # a class default; an instance may name a more precise one
     retryable: ClassVar[bool] = False
 
     def __init__(
-        self, message: str, *, param: str | None = None, retry_after_s: float | None = None
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        retry_after_s: float | None = None,
+        code: str | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
         self.retry_after_s = retry_after_s
+        if code is not None:
+            self.code = code
 
 
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
-    code: ClassVar[str | None] = None
+    code: str | None = None
 
 
 class BodyTooLarge(InvalidRequest):

@@ -14,7 +14,7 @@ import trio
 from quart import Blueprint
 
 from proxy.api.auth import login_user, session_reply
-from proxy.api.common import Forbidden, current_admin, gateway, json_body
+from proxy.api.common import Forbidden, current_admin, gateway, json_body, storable
 from store.upstream_keys import (
     UpstreamKey,
     create_upstream_key,
@@ -49,12 +49,16 @@ def _health(key: UpstreamKey) -> str:
     return {"half_open": "open"}.get(state, state)
 
 
+# The columns are Postgres ``integer``: a larger value would fail in the driver (a 500).
+_INT_MAX = 2**31 - 1
+
+
 def _positive_or_null(body: dict[str, Any], name: str, out: dict[str, Any]) -> None:
     if name not in body:
         return
     value = body[name]
     if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                              or value <= 0):
+                              or not 0 < value <= _INT_MAX):
         raise InvalidRequest(f"'{name}' must be a positive integer or null.", param=name)
     out[name] = value
 
@@ -63,7 +67,8 @@ def validate_key(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in ("name", "base_url", "api_key"):
         if name in body:
-            if not isinstance(body[name], str) or not body[name].strip():
+            value = body[name]
+            if not isinstance(value, str) or not value.strip() or not storable(value):
                 raise InvalidRequest(f"'{name}' must be a non-empty string.", param=name)
             out[name] = body[name].strip()
         elif creating:
@@ -74,7 +79,9 @@ def validate_key(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
             raise InvalidRequest("'base_url' must be an http(s) URL.", param="base_url")
     if "models" in body:
         models = body["models"]
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+        if not isinstance(models, list) or not all(
+            isinstance(m, str) and m and storable(m) for m in models
+        ):
             raise InvalidRequest("'models' must be an array of model ids.", param="models")
         out["models"] = models
     elif creating:
@@ -82,7 +89,8 @@ def validate_key(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
     if "model_map" in body:
         mapping = body["model_map"]
         if not isinstance(mapping, dict) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+            isinstance(k, str) and isinstance(v, str) and storable(k) and storable(v)
+            for k, v in mapping.items()
         ):
             raise InvalidRequest("'model_map' must map model ids to model ids.",
                                  param="model_map")
@@ -94,7 +102,9 @@ def validate_key(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
                 raise InvalidRequest(f"'{name}' must be an integer from 1 to 10000.", param=name)
             out[name] = value
     if "priority" in body:
-        if not isinstance(body["priority"], int) or isinstance(body["priority"], bool):
+        priority = body["priority"]
+        if (not isinstance(priority, int) or isinstance(priority, bool)
+                or not -_INT_MAX <= priority <= _INT_MAX):
             raise InvalidRequest("'priority' must be an integer.", param="priority")
         out["priority"] = body["priority"]
     _positive_or_null(body, "rpm", out)

@@ -34,7 +34,10 @@ def gateway() -> Gateway:
 
 
 async def json_body() -> dict[str, Any]:
-    data = await request.get_json(force=True, silent=True)
+    try:
+        data = await request.get_json(force=True, silent=True)
+    except RecursionError:  # deeply nested arrays: `silent` only covers ValueError
+        data = None
     if not isinstance(data, dict):
         raise InvalidRequest("The request body must be a JSON object.")
     return data
@@ -48,7 +51,21 @@ def field(body: dict[str, Any], name: str, kind: type[T], *, required: bool = Tr
         return None
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
         raise InvalidRequest(f"'{name}' must be a {kind.__name__}.", param=name)
+    if isinstance(value, str) and not storable(value):
+        raise InvalidRequest(f"'{name}' contains characters that are not allowed.", param=name)
     return value
+
+
+def storable(value: str) -> bool:
+    """Whether Postgres can store ``value`` as text: no NUL, no lone surrogate (which a
+    JSON body may carry as an escape). Either would fail in the driver, as a 500."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def text(body: dict[str, Any], name: str) -> str:
