@@ -14,12 +14,23 @@ from quart import Response
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
-from proxy.api import admin_keys, auth, health
+from proxy.api import (
+    account,
+    admin_catalog,
+    admin_keys,
+    admin_users,
+    auth,
+    exports,
+    health,
+    payment,
+    shop,
+)
 from proxy.api.common import api_error_body
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_response
 from proxy.gateway import Gateway
 from proxy.v1 import V1App
 from workers.errors import GatewayError
+from workers.payments import SANDBOX_PREFIX
 
 log = logging.getLogger("airgate.api")
 
@@ -31,7 +42,8 @@ def build_quart(gw: Gateway) -> QuartTrio:
     app.config["MAX_CONTENT_LENGTH"] = gw.settings.max_body_bytes
     app.config["JSON_SORT_KEYS"] = False
     app.extensions["airgate"] = gw
-    for blueprint in (auth.bp, admin_keys.bp, health.bp):
+    for blueprint in (auth.bp, account.bp, shop.bp, admin_keys.bp, admin_users.bp,
+                      admin_catalog.bp, exports.bp, payment.bp, health.bp):
         app.register_blueprint(blueprint)
 
     @app.errorhandler(GatewayError)
@@ -46,7 +58,13 @@ def build_quart(gw: Gateway) -> QuartTrio:
     async def http_error(err: HTTPException) -> Response:
         code = (err.name or "error").lower().replace(" ", "_")
         body = {"error": {"message": err.description or err.name, "code": code}}
-        return Response(_json(body), status=err.code or 500, content_type="application/json")
+        response = Response(_json(body), status=err.code or 500,
+                            content_type="application/json")
+        # Keep what the exception says beyond its HTML body: `Allow` on a 405 (RFC 9110).
+        for name, value in err.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     async def unexpected(err: Exception) -> Response:
@@ -70,6 +88,10 @@ def build_app(gw: Gateway) -> ASGIApp:
             path: str = scope["path"]
             if path.startswith("/v1/") or path == "/v1":
                 await v1(scope, receive, send)
+                return
+            sandbox = gw.payments.sandbox_app
+            if sandbox is not None and path.startswith(SANDBOX_PREFIX + "/"):
+                await sandbox(scope, receive, send)  # type: ignore[arg-type]
                 return
             if path == "/metrics":
                 await send_response(send, 200, gw.metrics.render(), [_METRICS_TYPE])

@@ -13,7 +13,9 @@ from store.db import Database
 from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
+from workers.payments import Payments
 from workers.pool import KeyPool
+from workers.throttle import FailureThrottle
 
 
 @dataclass(frozen=True, slots=True)
@@ -25,4 +27,7 @@ class Gateway:
     accounts: Accounts
     catalog: Catalog
     dispatcher: Dispatcher
+    payments: Payments
+    login_by_account: FailureThrottle
+    login_by_ip: FailureThrottle
     jwt_secret: str

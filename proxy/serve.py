@@ -9,6 +9,7 @@ period, then close the batcher's inbox so it flushes every record, then the rest
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -31,8 +32,11 @@ from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
 from workers.passwords import hash_password
+from workers.payments import Payments
 from workers.pool import KeyPool
+from workers.throttle import FailureThrottle
 from workers.upstream import UpstreamClient
+from workers.wxpay import merchant_config_from_env
 
 log = logging.getLogger("airgate")
 
@@ -99,6 +103,15 @@ async def serve(
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
         accounts = Accounts(db)
+        payments = Payments(
+            db, accounts, merchant_config_from_env(os.environ),
+            rebate_percent=settings.invite_rebate_percent,
+            reconcile_interval_s=settings.reconcile_interval_s,
+            timeout_s=10.0, connect_timeout_s=settings.connect_timeout_s,
+        )
+        if payments.sandbox:
+            log.warning("payments run in SANDBOX mode: orders can be paid without money;"
+                        " set AIRGATE_WXPAY_* for a real merchant")
         async with trio.open_nursery() as outer:
             await outer.start(batcher.run)
             dispatcher = Dispatcher(pool, accounts, catalog, batcher.sender.clone(), metrics,
@@ -108,13 +121,19 @@ async def serve(
             async with trio.open_nursery() as inner:
                 await inner.start(pool.run)
                 await pool.apply(await list_upstream_keys(db))
-                gw = Gateway(settings, db, metrics, pool, accounts, catalog, dispatcher, secret)
+                await inner.start(payments.run)
+                gw = Gateway(
+                    settings, db, metrics, pool, accounts, catalog, dispatcher, payments,
+                    FailureThrottle(settings.login_failures_per_account, 900),
+                    FailureThrottle(settings.login_failures_per_ip, 900), secret,
+                )
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
                     binds = await http.start(
                         _serve_http, build_app(gw), _hypercorn_config(settings), stop
                     )
                     log.info("airgate listening on %s", ", ".join(binds))
+                    payments.bind(settings.public_url or binds[0])
                     if on_ready is not None:
                         await on_ready(gw, binds)
                     task_status.started(binds)
@@ -124,6 +143,7 @@ async def serve(
             await dispatcher.close()
         with trio.CancelScope(shield=True):
             await client.aclose()
+            await payments.aclose()
 
 
 async def _serve_http(

@@ -144,7 +144,13 @@ class KeyActor:
             if not self.health.available(now):
                 await self._refuse(job, FailureClass.TRANSIENT, "key is not available")
                 return
-            if not await self._admit(job):
+            admitted = False
+            with trio.CancelScope() as waiting:
+                job.attach(waiting)  # abort() must also end a wait for the buckets
+                admitted = await self._admit(job)
+            if job.aborted:  # nothing was taken: the buckets are taken without a checkpoint
+                return
+            if not admitted:
                 await self._refuse(job, FailureClass.RATE_LIMITED, "key rate limit reached")
                 return
             now = trio.current_time()

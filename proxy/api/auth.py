@@ -5,13 +5,14 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from quart import Blueprint
+import trio
+from quart import Blueprint, request
 
 from proxy.api.common import Forbidden, Unauthorized, current_user, field, gateway, json_body, text
 from proxy.sessions import issue_token
 from store.apikeys import create_api_key, hash_key, list_api_keys, revoke_api_key
 from store.users import EmailTaken, User, create_user, get_user_by_email, get_user_by_invite_code
-from workers.errors import Conflict, InvalidRequest, NotFound
+from workers.errors import Conflict, InvalidRequest, NotFound, RateLimited
 from workers.passwords import hash_password, verify_password
 
 bp = Blueprint("auth", __name__, url_prefix="/api/auth")
@@ -66,11 +67,24 @@ async def register() -> dict[str, Any]:
 async def login_user(body: dict[str, Any]) -> User:
     email = text(body, "email").strip()
     password = text(body, "password")
-    user = await get_user_by_email(gateway().db, email)
+    gw = gateway()
+    # Only failures are counted: per account (guessing one password) and per client
+    # address (trying many accounts). Successful logins are never slowed down.
+    keys = ((gw.login_by_account, email.lower()), (gw.login_by_ip, request.remote_addr or "-"))
+    now = trio.current_time()
+    for throttle, key in keys:
+        wait = throttle.retry_after(key, now)
+        if wait is not None:
+            raise RateLimited("Too many failed logins; retry later.", retry_after_s=wait,
+                              code="too_many_failed_logins")
+    user = await get_user_by_email(gw.db, email)
     # Verify against a real hash even for unknown emails, so timing tells nothing.
     stored = user.password_hash if user is not None else _DUMMY_HASH
     if not await verify_password(password, stored) or user is None:
+        for throttle, key in keys:
+            throttle.failed(key, trio.current_time())
         raise Unauthorized("Incorrect email or password.")
+    gw.login_by_account.succeeded(email.lower())
     if user.status != "active":
         raise Forbidden("This account is disabled.")
     return user

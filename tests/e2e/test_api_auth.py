@@ -101,6 +101,9 @@ BAD_REGISTRATIONS: list[tuple[str, dict[str, Any]]] = [
                                   "invite_code": 7}),
     ("unknown invite code", {"email": "c@example.com", "password": PASSWORD,
                              "invite_code": "AIR-NOPE"}),
+    ("email with a NUL", {"email": "c\x00d@example.com", "password": PASSWORD}),
+    ("invite code with a NUL", {"email": "c@example.com", "password": PASSWORD,
+                                "invite_code": "AIR-\x00"}),
 ]
 
 
@@ -122,6 +125,18 @@ async def test_register_refuses_a_body_that_is_not_a_json_object(
     response = await api.post("/api/auth/register", content=content,
                               headers={"content-type": "application/json"})
     assert_api_error(response, 400)
+
+
+async def test_register_refuses_a_lone_surrogate_escape_instead_of_failing_in_the_database(
+    harness: Harness, api: httpx.AsyncClient
+) -> None:
+    body = b'{"email": "\\ud800x@example.com", "password": "correct-horse-1"}'
+    response = await api.post("/api/auth/register", content=body,
+                              headers={"content-type": "application/json"})
+    assert_api_error(response, 400)
+    login = await api.post("/api/auth/login", content=body,
+                           headers={"content-type": "application/json"})
+    assert_api_error(login, 400)
 
 
 async def test_register_with_an_invite_code_records_the_inviter(
@@ -163,8 +178,10 @@ async def test_login_wrong_password_and_unknown_email_look_the_same(
 
 
 @pytest.mark.parametrize("body", [{}, {"email": "e@example.com"}, {"password": PASSWORD},
-                                  {"email": 1, "password": PASSWORD}],
-                         ids=["empty", "no password", "no email", "email not a string"])
+                                  {"email": 1, "password": PASSWORD},
+                                  {"email": "e\x00@example.com", "password": PASSWORD}],
+                         ids=["empty", "no password", "no email", "email not a string",
+                              "email with a NUL"])
 async def test_login_with_missing_or_mistyped_fields_is_400(
     api: httpx.AsyncClient, body: dict[str, Any]
 ) -> None:
@@ -289,8 +306,10 @@ async def test_api_key_creation_accepts_an_optional_name(
     assert named.status_code == 200, named.text
     listed = (await api.get("/api/auth/apikeys", headers=bearer(data["token"]))).json()
     assert [k["name"] for k in listed["api_keys"]] == ["laptop"]
-    bad = await api.post("/api/auth/apikey", headers=bearer(data["token"]), json={"name": 5})
-    assert_api_error(bad, 400)
+    for name in (5, "nul\x00byte"):
+        bad = await api.post("/api/auth/apikey", headers=bearer(data["token"]),
+                             json={"name": name})
+        assert_api_error(bad, 400)
 
 
 async def test_the_key_list_is_masked_and_only_the_callers(

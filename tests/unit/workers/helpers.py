@@ -141,7 +141,15 @@ def stream_response(stream: ScriptedStream, status: int = 200) -> httpx.Response
 def json_response(
     status: int, body: Mapping[str, Any], headers: Mapping[str, str] | None = None
 ) -> httpx.Response:
-    return httpx.Response(status, json=body, headers=dict(headers or {}))
+    """A JSON answer whose body is still unread, as from a real connection.
+
+    (``httpx.Response(json=...)`` would read its body up front, and the raw stream that
+    ``UpstreamResponse.chunks`` reads would then count as consumed.)
+    """
+    return httpx.Response(
+        status, headers={"content-type": "application/json", **(headers or {})},
+        stream=ScriptedStream([orjson.dumps(body)]),
+    )
 
 
 @dataclass

@@ -6,9 +6,6 @@ import httpx
 import trio
 from trio.testing import MockClock
 
-from workers.failure import FailureClass
-from workers.job import Event, Started
-from workers.keyactor import KeyActor
 from tests.unit.workers.helpers import (
     FakeUpstream,
     answer,
@@ -22,26 +19,38 @@ from tests.unit.workers.helpers import (
     running_actor,
     started,
 )
+from workers.failure import FailureClass
+from workers.job import Event, Started
+from workers.keyactor import KeyActor
 
 
 async def test_rpm_two_at_once_then_the_third_runs_exactly_at_the_refill(
     autojump_clock: MockClock,
 ) -> None:
     upstream = FakeUpstream(answer())
+    done_at: list[float] = []
+    two_done = trio.Event()
+
+    async def client(receive: trio.MemoryReceiveChannel[Event]) -> None:
+        assert started(await collect(receive)).status == 200
+        done_at.append(trio.current_time())
+        if len(done_at) == 2:
+            two_done.set()
+
     async with running_actor(make_key(rpm=2, max_concurrency=3), upstream) as actor:
-        jobs = [make_job() for _ in range(3)]
-        for job, _ in jobs:
-            assert actor.submit_nowait(job)
-        first = [await collect(receive) for _, receive in jobs[:2]]
-        assert trio.current_time() == 0.0
-        assert [started(events).status for events in first] == [200, 200]
-        assert actor.rpm is not None
-        assert actor.rpm.level(0.0) == 0.0
-        assert not actor.can_take(0.0, 0)
-        assert actor.retry_after(0.0) == 30.0  # 60 s / rpm for one request
-        third = await collect(jobs[2][1])
-        assert started(third).status == 200
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                job, receive = make_job()
+                assert actor.submit_nowait(job)
+                nursery.start_soon(client, receive)
+            await two_done.wait()
+            assert trio.current_time() == 0.0
+            assert actor.rpm is not None
+            assert actor.rpm.level(0.0) == 0.0
+            assert not actor.can_take(0.0, 0)
+            assert actor.retry_after(0.0) == 30.0  # 60 s / rpm for one request
         assert trio.current_time() == 30.0
+    assert done_at == [0.0, 0.0, 30.0]
     assert upstream.times == [0.0, 0.0, 30.0]
 
 
