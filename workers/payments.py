@@ -87,19 +87,19 @@ class Payments:
         self._interval_s = reconcile_interval_s
         self._timeouts = (timeout_s, connect_timeout_s)
         self.sandbox = merchant is None
-        self._sandbox_keys = sandbox_keys() if merchant is None else None
+        self.sandbox_keys = sandbox_keys() if merchant is None else None
         self.sandbox_app: SandboxWxPay | None = None
-        if self._sandbox_keys is not None:
-            self.sandbox_app = SandboxWxPay(self._sandbox_keys, prefix=SANDBOX_PREFIX)
+        if self.sandbox_keys is not None:
+            self.sandbox_app = SandboxWxPay(self.sandbox_keys, prefix=SANDBOX_PREFIX)
         self._config: MerchantConfig | None = None
         self._client_: WxPayClient | None = None
         self._bound = trio.Event()
 
     def bind(self, base_url: str) -> None:
         """Know where the gateway listens; opens the client (and the sandbox's config)."""
-        if self._sandbox_keys is not None:
+        if self.sandbox_keys is not None:
             base = base_url.rstrip("/")
-            self._config = sandbox_config(self._sandbox_keys, base + NOTIFY_PATH,
+            self._config = sandbox_config(self.sandbox_keys, base + NOTIFY_PATH,
                                           base + SANDBOX_PREFIX)
         else:
             self._config = self._merchant

@@ -134,7 +134,7 @@ class SandboxWxPay:
         self._keys = keys
         self._merchant_public = keys.merchant_key.public_key()
         self._prefix = prefix.rstrip("/")
-        self._deliver: Deliver = deliver if deliver is not None else post_notification
+        self.deliver: Deliver = deliver if deliver is not None else post_notification
         self._clock = clock
         self._max_skew_s = max_skew_s
         self._orders: dict[str, _Order] = {}
@@ -287,7 +287,7 @@ class SandboxWxPay:
                 transaction["amount"], total=tampered, payer_total=tampered
             )
         headers, notification = self._notification(transaction, now)
-        status = await self._deliver(order.notify_url, headers, notification)
+        status = await self.deliver(order.notify_url, headers, notification)
         return 200, orjson.dumps(
             {"out_trade_no": out_trade_no, "trade_state": order.state, "notify_status": status}
         )
