@@ -7,10 +7,12 @@ Owns the routing between the two and the /api error rendering: every error on /a
 from __future__ import annotations
 
 import logging
+import secrets
+import time
 from typing import Any
 
 import orjson
-from quart import Response
+from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
 
@@ -28,11 +30,13 @@ from proxy.api import (
 from proxy.api.common import api_error_body
 from proxy.asgi import ASGIApp, Receive, Scope, Send, send_response
 from proxy.gateway import Gateway
+from proxy.openapi import build_openapi
 from proxy.v1 import V1App
 from workers.errors import GatewayError
 from workers.payments import SANDBOX_PREFIX
 
 log = logging.getLogger("airgate.api")
+access = logging.getLogger("airgate.access")
 
 _METRICS_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
@@ -45,6 +49,30 @@ def build_quart(gw: Gateway) -> QuartTrio:
     for blueprint in (auth.bp, account.bp, shop.bp, admin_keys.bp, admin_users.bp,
                       admin_catalog.bp, exports.bp, payment.bp, health.bp):
         app.register_blueprint(blueprint)
+
+    document: dict[str, Any] = {}
+
+    @app.get("/openapi.json")
+    async def openapi() -> dict[str, Any]:
+        if not document:
+            document.update(build_openapi(app))
+        return document
+
+    @app.before_request
+    async def stamp() -> None:
+        g.request_id = "req_" + secrets.token_hex(12)
+        g.started = time.perf_counter()
+
+    @app.after_request
+    async def request_id(response: Response) -> Response:
+        rid = getattr(g, "request_id", None) or "req_" + secrets.token_hex(12)
+        response.headers["x-request-id"] = rid
+        if gw.settings.access_log:
+            elapsed = time.perf_counter() - getattr(g, "started", time.perf_counter())
+            access.info("request", extra={
+                "request_id": rid, "method": request.method, "path": request.path,
+                "status": response.status_code, "duration_ms": round(elapsed * 1000, 2)})
+        return response
 
     @app.errorhandler(GatewayError)
     async def gateway_error(err: GatewayError) -> Response:

@@ -9,7 +9,9 @@ the upstream request. Billing runs shielded in ``finally``, exactly once per req
 
 from __future__ import annotations
 
+import logging
 import secrets
+import time
 from typing import Any
 
 import orjson
@@ -39,6 +41,7 @@ _SSE_HEADERS = [
 ]
 _PING = b": ping\n\n"
 _DISCONNECTED = 499  # nginx's "client closed request", recorded in usage
+access = logging.getLogger("airgate.access")
 
 
 class V1App:
@@ -46,6 +49,7 @@ class V1App:
         self._gw = gateway
         self._ping_s = gateway.settings.ping_interval_s
         self._limit = gateway.settings.max_body_bytes
+        self._access_log = gateway.settings.access_log
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = "req_" + secrets.token_hex(12)
@@ -53,26 +57,35 @@ class V1App:
         path: str = scope["path"]
         route = path.rstrip("/")
         metrics = self._gw.metrics
+        started = time.perf_counter()
+        status = 200
         try:
             if route == "/v1/models":
                 await self._models(scope, send, rid)
-                return
-            if route not in ROUTES:
+            elif route not in ROUTES:
                 raise NotFound(f"Invalid URL ({scope['method']} {path})")
-            if scope["method"] != "POST":
+            elif scope["method"] != "POST":
                 raise InvalidRequest(f"Method {scope['method']} not allowed on {path}")
-            await self._complete(scope, receive, send, request_id, rid, route)
+            else:
+                status = await self._complete(scope, receive, send, request_id, rid, route)
         except GatewayError as err:
+            status = err.status
             metrics.requests.labels(route if route in ROUTES else "other", "",
                                     f"{err.status // 100}xx").inc()
             await send_error(send, err, rid)
         except ClientGone:
-            return
+            status = _DISCONNECTED
+        if self._access_log:
+            access.info("request", extra={
+                "request_id": request_id, "method": scope["method"], "path": path,
+                "status": status,
+                "duration_ms": round((time.perf_counter() - started) * 1000, 2)})
 
     async def _complete(
         self, scope: Scope, receive: Receive, send: Send, request_id: str,
         rid: tuple[bytes, bytes], route: str,
-    ) -> None:
+    ) -> int:
+        """Serve one completion request; return the status recorded for it."""
         gw = self._gw
         owner, account = await gw.accounts.authenticate(_bearer(scope))
         try:
@@ -117,6 +130,7 @@ class V1App:
             elapsed = trio.current_time() - req.started_at
             gw.metrics.requests.labels(route, req.model, f"{status // 100}xx").inc()
             gw.metrics.latency.labels(route).observe(elapsed)
+        return status
 
     async def _relay(
         self, send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool]

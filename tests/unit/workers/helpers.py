@@ -31,6 +31,11 @@ MODEL = "gpt-test"
 
 Respond = Callable[[httpx.Request], Awaitable[httpx.Response]]
 
+#: Virtual seconds after which a running actor or pool fails its test with TooSlowError:
+#: a bug that leaves the test waiting forever fails it instead of hanging the run (the
+#: autojump clock jumps straight there once every task is blocked). No test needs longer.
+HANG_GUARD_S = 100_000.0
+
 
 def make_key(
     key_id: str = "k1",
@@ -236,15 +241,16 @@ async def running_actor(
     """A KeyActor running in its own nursery; cancelled when the block ends."""
     client = make_client(upstream)
     try:
-        async with trio.open_nursery() as nursery:
-            actor = KeyActor(
-                key, client, metrics or Metrics(), inbox_size=inbox_size,
-                first_byte_timeout_s=first_byte_timeout_s, idle_timeout_s=idle_timeout_s,
-                on_disable=on_disable or DisableLog(),
-            )
-            await nursery.start(actor.run)
-            yield actor
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(HANG_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                actor = KeyActor(
+                    key, client, metrics or Metrics(), inbox_size=inbox_size,
+                    first_byte_timeout_s=first_byte_timeout_s, idle_timeout_s=idle_timeout_s,
+                    on_disable=on_disable or DisableLog(),
+                )
+                await nursery.start(actor.run)
+                yield actor
+                nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
 
@@ -263,15 +269,16 @@ async def running_pool(
     """A KeyPool running in its own nursery; cancelled when the block ends."""
     client = make_client(upstream)
     try:
-        async with trio.open_nursery() as nursery:
-            pool = KeyPool(
-                client, metrics or Metrics(), inbox_size=inbox_size,
-                first_byte_timeout_s=first_byte_timeout_s, idle_timeout_s=idle_timeout_s,
-                on_disable=on_disable or DisableLog(), rng=random.Random(rng_seed),
-            )
-            await nursery.start(pool.run)
-            yield pool
-            nursery.cancel_scope.cancel()
+        with trio.fail_after(HANG_GUARD_S):
+            async with trio.open_nursery() as nursery:
+                pool = KeyPool(
+                    client, metrics or Metrics(), inbox_size=inbox_size,
+                    first_byte_timeout_s=first_byte_timeout_s, idle_timeout_s=idle_timeout_s,
+                    on_disable=on_disable or DisableLog(), rng=random.Random(rng_seed),
+                )
+                await nursery.start(pool.run)
+                yield pool
+                nursery.cancel_scope.cancel()
     finally:
         await client.aclose()
 
