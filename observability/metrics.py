@@ -7,8 +7,42 @@ several gateways in one process do not collide. Imports nothing from the gateway
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Callable, Iterable, Sequence
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+)
+from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
+from prometheus_client.registry import Collector
+
+# A snapshot callback: rows of (label values, value) for one gauge family.
+Rows = Callable[[], Iterable[tuple[Sequence[str], float]]]
+
+
+class SnapshotGauges(Collector):
+    """Gauges read at scrape time from callbacks (state that lives in actors and pools)."""
+
+    def __init__(self) -> None:
+        self._families: list[tuple[str, str, list[str], Rows]] = []
+
+    def add(self, name: str, documentation: str, labels: list[str], rows: Rows) -> None:
+        self._families.append((name, documentation, labels, rows))
+
+    def collect(self) -> Iterable[Metric]:
+        for name, documentation, labels, rows in self._families:
+            family = GaugeMetricFamily(name, documentation, labels=labels)
+            for values, value in rows():
+                family.add_metric(list(values), value)
+            yield family
+
+    def describe(self) -> Iterable[Metric]:
+        return []
 
 _LATENCY_BUCKETS = (
     0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
@@ -20,6 +54,10 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        self.snapshots = SnapshotGauges()
+        r.register(self.snapshots)
         self.requests = Counter(
             "airgate_requests", "Requests served", ["route", "model", "status_class"],
             registry=r,
@@ -31,6 +69,16 @@ class Metrics:
         self.ttft = Histogram(
             "airgate_time_to_first_token_seconds", "Time to first streamed byte", ["route"],
             buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.upstream_time = Histogram(
+            "airgate_upstream_duration_seconds", "Time spent waiting on the upstream",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.overhead = Histogram(
+            "airgate_gateway_overhead_seconds",
+            "End-to-end latency minus upstream time: what the gateway adds", ["route"],
+            buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+                     0.25, 1.0), registry=r,
         )
         self.tokens = Counter(
             "airgate_tokens", "Tokens billed", ["model", "kind"], registry=r,
@@ -47,10 +95,6 @@ class Metrics:
         )
         self.upstream_failures = Counter(
             "airgate_upstream_failures", "Upstream failures by class", ["failure_class"],
-            registry=r,
-        )
-        self.key_state = Gauge(
-            "airgate_upstream_key_state", "Upstream keys per health state", ["state"],
             registry=r,
         )
         self.batch_pending = Gauge(

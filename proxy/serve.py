@@ -21,6 +21,7 @@ from hypercorn.trio import serve as hypercorn_serve
 from observability.metrics import Metrics
 from proxy.app import build_app
 from proxy.gateway import Gateway
+from proxy.metrics_wiring import register_snapshots
 from proxy.settings import Settings
 from store.batcher import UsageBatcher
 from store.bootstrap import ensure_admin, jwt_secret
@@ -102,6 +103,7 @@ async def serve(
         pool = KeyPool(client, metrics, inbox_size=settings.actor_inbox_size,
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
+        register_snapshots(metrics, pool, db)
         accounts = Accounts(db)
         payments = Payments(
             db, accounts, merchant_config_from_env(os.environ),

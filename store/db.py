@@ -154,6 +154,10 @@ class Database:
         self._pool = pool
         self._run = runner
 
+    def pool_stats(self) -> tuple[int, int, int]:
+        """(open connections, idle connections, maximum size) of the pool, for metrics."""
+        return self._pool.get_size(), self._pool.get_idle_size(), self._pool.get_max_size()
+
     async def execute(self, sql: str, *args: Any) -> str:
         return await self._run.call(self._pool.execute, sql, *args)
 

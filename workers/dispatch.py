@@ -207,6 +207,14 @@ class Dispatcher:
             latency_ms=int((now - req.started_at) * 1000), ttft_ms=ttft,
             status=status, usage_source=source,
         )
+        metrics = self._metrics
+        route = req.endpoint
+        if ttft is not None:
+            metrics.ttft.labels(route).observe(ttft / 1000)
+        if job is not None and job.upstream_started_at is not None:
+            upstream = (job.upstream_ended_at or now) - job.upstream_started_at
+            metrics.upstream_time.labels(route).observe(upstream)
+            metrics.overhead.labels(route).observe(max(now - req.started_at - upstream, 0.0))
         if usage.total:
             self._metrics.tokens.labels(req.model, "prompt").inc(usage.prompt_tokens)
             self._metrics.tokens.labels(req.model, "cached").inc(usage.cached_tokens)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import random
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 import trio
 
@@ -21,6 +22,16 @@ from workers.keyactor import KeyActor, OnDisable
 from workers.upstream import UpstreamClient
 
 log = logging.getLogger("airgate.pool")
+
+
+@dataclass(frozen=True, slots=True)
+class KeySnapshot:
+    key_id: str
+    state: str
+    inflight: int
+    queued: int
+    rpm_headroom: float | None
+    tpm_headroom: float | None
 
 
 class KeyPool:
@@ -125,6 +136,19 @@ class KeyPool:
     def retry_after(self, model: str, now: float) -> float | None:
         waits = [w for a in self.serving(model) if (w := a.retry_after(now)) is not None]
         return min(waits) if waits else None
+
+    def snapshot(self) -> list[KeySnapshot]:
+        """Each key's state now, for metrics (read at scrape time)."""
+        now = trio.current_time()
+        rows = []
+        for actor in self.actors.values():
+            rows.append(KeySnapshot(
+                key_id=actor.key.id, state=actor.health.state(now).value,
+                inflight=actor.inflight, queued=actor.queued,
+                rpm_headroom=actor.rpm.level(now) if actor.rpm is not None else None,
+                tpm_headroom=actor.tpm.level(now) if actor.tpm is not None else None,
+            ))
+        return rows
 
     def health_counts(self) -> dict[str, int]:
         now = trio.current_time()

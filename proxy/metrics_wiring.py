@@ -1,0 +1,56 @@
+"""Scrape-time gauges: the key pool's per-key state and the database pool.
+
+Labels are bounded: upstream key ids (a handful, created by admins) and health states;
+never a user, an email or a key's display name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+from observability.metrics import Metrics
+from store.db import Database
+from workers.health import HealthState
+from workers.pool import KeyPool
+
+Rows = Iterable[tuple[Sequence[str], float]]
+
+
+def register_snapshots(metrics: Metrics, pool: KeyPool, db: Database) -> None:
+    add = metrics.snapshots.add
+
+    def states() -> Rows:
+        return [((state,), count) for state, count in pool.health_counts().items()]
+
+    def key_health() -> Rows:
+        return [((k.key_id, state.value), 1.0 if k.state == state.value else 0.0)
+                for k in pool.snapshot() for state in HealthState]
+
+    def inflight() -> Rows:
+        return [((k.key_id,), k.inflight) for k in pool.snapshot()]
+
+    def inbox() -> Rows:
+        return [((k.key_id,), k.queued) for k in pool.snapshot()]
+
+    def rpm() -> Rows:
+        return [((k.key_id,), k.rpm_headroom) for k in pool.snapshot()
+                if k.rpm_headroom is not None]
+
+    def tpm() -> Rows:
+        return [((k.key_id,), k.tpm_headroom) for k in pool.snapshot()
+                if k.tpm_headroom is not None]
+
+    def db_pool() -> Rows:
+        size, idle, maximum = db.pool_stats()
+        return [(("open",), size), (("idle",), idle), (("max",), maximum)]
+
+    add("airgate_upstream_keys", "Upstream keys per health state", ["state"], states)
+    add("airgate_upstream_key_health", "1 for the key's current health state",
+        ["key_id", "state"], key_health)
+    add("airgate_upstream_key_inflight", "Requests in flight on the key", ["key_id"],
+        inflight)
+    add("airgate_upstream_key_inbox", "Requests queued for the key", ["key_id"], inbox)
+    add("airgate_upstream_key_rpm_headroom", "Requests the key may start now", ["key_id"],
+        rpm)
+    add("airgate_upstream_key_tpm_headroom", "Tokens the key may use now", ["key_id"], tpm)
+    add("airgate_db_pool_connections", "Database pool connections", ["state"], db_pool)
