@@ -13,6 +13,7 @@ from store.db import Database
 from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
+from workers.events import Events
 from workers.payments import Payments
 from workers.pool import KeyPool
 from workers.throttle import FailureThrottle
@@ -28,6 +29,7 @@ class Gateway:
     catalog: Catalog
     dispatcher: Dispatcher
     payments: Payments
+    events: Events
     login_by_account: FailureThrottle
     login_by_ip: FailureThrottle
     jwt_secret: str

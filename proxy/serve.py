@@ -32,6 +32,7 @@ from store.upstream_keys import disable_upstream_key, list_upstream_keys
 from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
+from workers.events import Events
 from workers.passwords import hash_password
 from workers.payments import Payments
 from workers.pool import KeyPool
@@ -105,8 +106,9 @@ async def serve(
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
         register_snapshots(metrics, pool, db)
         accounts = Accounts(db)
+        events = Events(db, accounts, pool, catalog)
         payments = Payments(
-            db, accounts, merchant_config_from_env(os.environ),
+            db, events, merchant_config_from_env(os.environ),
             rebate_percent=settings.invite_rebate_percent,
             reconcile_interval_s=settings.reconcile_interval_s,
             timeout_s=10.0, connect_timeout_s=settings.connect_timeout_s,
@@ -124,8 +126,9 @@ async def serve(
                 await inner.start(pool.run)
                 await pool.apply(await list_upstream_keys(db))
                 await inner.start(payments.run)
+                await inner.start(events.run)
                 gw = Gateway(
-                    settings, db, metrics, pool, accounts, catalog, dispatcher, payments,
+                    settings, db, metrics, pool, accounts, catalog, dispatcher, payments, events,
                     FailureThrottle(settings.login_failures_per_account, 900),
                     FailureThrottle(settings.login_failures_per_ip, 900), secret,
                 )

@@ -8,14 +8,20 @@ from typing import Any
 from store.db import Database
 
 
+def _like_literal(text: str) -> str:
+    """``text`` matched literally by LIKE (whose escape character is a backslash)."""
+    return text.replace("\\", "\\\\").replace("%", r"\%").replace("_", r"\_")
+
+
 async def search_users(
     db: Database, query: str | None, *, offset: int, limit: int
 ) -> tuple[list[dict[str, Any]], int]:
-    pattern = None if not query else "%" + query.lower().replace("%", r"\%") + "%"
+    pattern = None if not query else "%" + _like_literal(query.lower()) + "%"
     rows = await db.fetch(
         "SELECT id, email, role, status, plan, token_limit, token_used, request_count,"
         " expires_at, balance_fen, rebate_fen, created_at FROM users"
-        " WHERE $1::text IS NULL OR email LIKE $1 ORDER BY created_at DESC OFFSET $2 LIMIT $3",
+        " WHERE $1::text IS NULL OR email LIKE $1 ORDER BY created_at DESC, id DESC"
+        " OFFSET $2 LIMIT $3",
         pattern, offset, limit,
     )
     total = await db.fetchval(

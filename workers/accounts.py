@@ -87,6 +87,13 @@ class Accounts:
         self._keys.pop(digest, None)
         self._misses.pop(digest, None)
 
+    async def reload_all(self) -> None:
+        """Forget every cached key and re-read every cached user (after missed events)."""
+        self._keys.clear()
+        self._misses.clear()
+        for user_id in list(self._users):
+            await self.reload(user_id)
+
     async def account(self, user_id: str) -> Account:
         account = self._users.get(user_id)
         if account is None:

@@ -132,8 +132,12 @@ class Dispatcher:
                 token_budget=token_budget, deadline=deadline, reply=send,
             )
             if not actor.submit_nowait(job):
-                with trio.move_on_at(deadline) as waiting:
-                    await actor.submit(job)
+                try:
+                    with trio.move_on_at(deadline) as waiting:
+                        await actor.submit(job)
+                except trio.ClosedResourceError:  # the key was removed meanwhile
+                    tried.add(actor.key.id)
+                    continue
                 if waiting.cancelled_caught:
                     raise self.overloaded()
             try:
@@ -237,7 +241,7 @@ def _usage_of(req: Request, job: Job | None) -> tuple[Usage, str]:
         return job.usage, "upstream"
     if job.status >= 400:
         return Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0), "none"
-    completion = job.counter.completion_tokens_estimate
+    completion = job.counter.completion_tokens_estimate or job.whole_completion_estimate
     return Usage(
         prompt_tokens=req.prompt_estimate, cached_tokens=0, completion_tokens=completion
     ), "estimate"

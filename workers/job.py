@@ -60,6 +60,7 @@ class Job:
     upstream_started_at: float | None = None
     upstream_ended_at: float | None = None
     cut_for_quota: bool = False
+    whole_completion_estimate: int = 0  # a non-stream body's completion, when no usage came
     aborted: bool = False
     _scope: trio.CancelScope | None = None
 

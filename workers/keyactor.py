@@ -200,7 +200,8 @@ class KeyActor:
         reserved = min(reserved, int(self.tpm.capacity))
         if used is None:
             used = job.usage.total if job.usage is not None else \
-                job.prompt_estimate + job.counter.completion_tokens_estimate
+                job.prompt_estimate + (job.counter.completion_tokens_estimate
+                                    or job.whole_completion_estimate)
         if used < reserved:
             self.tpm.give_back(reserved - used, now)
         elif used > reserved:

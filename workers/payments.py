@@ -26,8 +26,8 @@ from store.orders import (
     set_code_url,
 )
 from store.plans import Plan, get_plan
-from workers.accounts import Accounts
 from workers.errors import GatewayError
+from workers.events import Events
 from workers.wxpay import MerchantConfig, NotificationError, PaymentResult, parse_notification
 from workers.wxpay_client import WxPayClient, WxPayError
 from workers.wxpay_sandbox import SandboxWxPay, sandbox_config, sandbox_keys
@@ -72,7 +72,7 @@ class Payments:
     def __init__(
         self,
         db: Database,
-        accounts: Accounts,
+        events: Events,
         merchant: MerchantConfig | None,
         *,
         rebate_percent: int,
@@ -81,7 +81,7 @@ class Payments:
         connect_timeout_s: float,
     ) -> None:
         self._db = db
-        self._accounts = accounts
+        self._events = events
         self._merchant = merchant
         self._rebate_percent = rebate_percent
         self._interval_s = reconcile_interval_s
@@ -171,7 +171,7 @@ class Payments:
                                   rebate_percent=self._rebate_percent)
         if done is not None and done.newly_paid:
             log.info("order %s paid", order.id)
-            await self._accounts.reload(order.user_id)
+            await self._events.user_changed(order.user_id)
         return NotifyOutcome(204, "ok")
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:

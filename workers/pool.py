@@ -71,9 +71,12 @@ class KeyPool:
             if key_id not in wanted:
                 self._stop(key_id)
         for key in wanted.values():
-            current = self.actors.get(key.id)
-            if current is not None and current.key == key:
-                continue
+            await self.put_if_changed(key)
+
+    async def put_if_changed(self, key: UpstreamKey) -> None:
+        """Like ``put``, but keep the running actor (and its health) when nothing changed."""
+        current = self.actors.get(key.id)
+        if current is None or current.key != key:
             await self.put(key)
 
     async def put(self, key: UpstreamKey) -> None:

@@ -17,7 +17,7 @@ import trio
 from workers.failure import Failure, FailureClass, classify
 from workers.job import Job
 from workers.sse import SSESplitter
-from workers.tokens import MalformedChunk, usage_from_response
+from workers.tokens import MalformedChunk, estimate_completion_tokens, usage_from_response
 from workers.upstream import TransportFailure, UpstreamResponse
 
 
@@ -47,7 +47,10 @@ async def _relay_whole(
             return exc.failure
         job.first_byte_at = trio.current_time()
         try:
-            job.usage = usage_from_response(orjson.loads(body))
+            parsed = orjson.loads(body)
+            job.usage = usage_from_response(parsed)
+            if job.usage is None and isinstance(parsed, dict):
+                job.whole_completion_estimate = estimate_completion_tokens(parsed)
         except (orjson.JSONDecodeError, TypeError, ValueError):
             job.usage = None
         await job.reply.send(body)
@@ -96,7 +99,10 @@ async def _relay_stream(
                 if out:
                     if job.first_byte_at is None:
                         job.first_byte_at = trio.current_time()
+                    # Waiting on a slow client is not the upstream being idle.
+                    idle.deadline = math.inf
                     await job.reply.send(out[0] if len(out) == 1 else b"".join(out))
+                    idle.deadline = trio.current_time() + idle_timeout_s
                 if failure is not None:
                     forwarded_error = True
                     break

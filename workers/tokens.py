@@ -217,6 +217,30 @@ def usage_from_response(body: Mapping[str, Any]) -> Usage | None:
     return parse_usage(body.get("usage"))
 
 
+def estimate_completion_tokens(body: Mapping[str, Any]) -> int:
+    """Completion tokens of a whole (non-stream) response, for when it carries no usage."""
+    total = 0
+    choices = body.get("choices")
+    if not isinstance(choices, list):
+        return 0
+    for choice in choices:
+        if not isinstance(choice, Mapping):
+            continue
+        text = choice.get("text")
+        message = choice.get("message")
+        if isinstance(text, str):
+            total += estimate_text_tokens(text)
+        if isinstance(message, Mapping):
+            for name in ("content", "reasoning_content", "refusal"):
+                value = message.get(name)
+                if isinstance(value, str):
+                    total += estimate_text_tokens(value)
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                total += _json_tokens(calls)
+    return total
+
+
 def is_usage_only(chunk: Mapping[str, Any]) -> bool:
     """Whether a stream chunk carries only usage (``choices == []`` and a usage object).
 

@@ -22,6 +22,7 @@ bp = Blueprint("admin_catalog", __name__, url_prefix="/api/admin")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,99}$")
 _INT32 = 2**31 - 1
 _INT62 = 2**62
+_MAX_EPOCH_S = 253_402_300_799  # 9999-12-31T23:59:59Z: the last second datetime can hold
 
 
 def _id(body: dict[str, Any], name: str) -> str:
@@ -100,7 +101,7 @@ async def put_model(model_id: str | None = None) -> tuple[dict[str, Any], int]:
     gw = gateway()
     existed = values["id"] in gw.catalog.models
     await upsert_model(gw.db, **values)
-    await gw.catalog.reload(gw.db)
+    await gw.events.catalog_changed()
     view = {k: v for k, v in values.items() if k != "model_group"}
     view["group"] = values["model_group"]
     for name in ("input_price", "output_price", "cached_price"):
@@ -114,7 +115,7 @@ async def remove_model(model_id: str) -> dict[str, Any]:
     gw = gateway()
     if not await delete_model(gw.db, model_id):
         raise NotFound("No such model.")
-    await gw.catalog.reload(gw.db)
+    await gw.events.catalog_changed()
     return {"deleted": True}
 
 
@@ -144,11 +145,13 @@ async def put_plan(plan_id: str | None = None) -> tuple[dict[str, Any], int]:
         if isinstance(raw, bool) or not isinstance(raw, int | float | str):
             raise InvalidRequest("'price' (CNY) or 'price_fen' is required.", param="price")
         try:
-            price_fen = price_to_micro(raw) // 10_000
-            if price_to_micro(raw) % 10_000:
+            price_fen, finer = divmod(price_to_micro(raw), 10_000)
+            if finer:
                 raise ValueError("prices are whole fen")
         except ValueError as exc:
             raise InvalidRequest(f"'price': {exc}", param="price") from None
+        if price_fen > _INT62:
+            raise InvalidRequest("'price' is too large.", param="price")
     plan = Plan(
         id=_id(body, "id"), name=text(body, "name")[:200], price_fen=price_fen,
         token_limit=_int(body, "tokenLimit", 0, _INT62),
@@ -198,6 +201,9 @@ async def new_coupon() -> tuple[dict[str, Any], int]:
     if kind == "plan" and await get_plan(db, plan_id or "") is None:
         raise InvalidRequest("'planId' names no plan.", param="planId")
     expires = field(body, "expiresAt", int, required=False)
+    if expires is not None and not 0 <= expires <= _MAX_EPOCH_S:
+        raise InvalidRequest("'expiresAt' must be epoch seconds before the year 10000.",
+                             param="expiresAt")
     try:
         coupon = await create_coupon(
             db, code=_id(body, "code"), kind=kind, value=value,

@@ -137,7 +137,7 @@ async def create_key() -> tuple[dict[str, Any], int]:
     values = validate_key(await json_body(), creating=True)
     gw = gateway()
     key = await create_upstream_key(gw.db, values)
-    await gw.pool.put(key)
+    await gw.events.upstream_key_changed(key.id)
     return key_view(key, _health(key)), 201
 
 
@@ -158,7 +158,7 @@ async def update_key(key_id: str) -> dict[str, Any]:
     key = await update_upstream_key(gw.db, key_id, values)
     if key is None:
         raise NotFound("No such upstream key.")
-    await gw.pool.put(key)
+    await gw.events.upstream_key_changed(key.id)
     return key_view(key, _health(key))
 
 
@@ -168,5 +168,5 @@ async def delete_key(key_id: str) -> dict[str, Any]:
     gw = gateway()
     if not await delete_upstream_key(gw.db, key_id):
         raise NotFound("No such upstream key.")
-    gw.pool.remove(key_id)
+    await gw.events.upstream_key_changed(key_id)
     return {"deleted": True}

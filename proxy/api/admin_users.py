@@ -7,7 +7,7 @@ from typing import Any
 
 from quart import Blueprint, request
 
-from proxy.api.common import current_admin, field, gateway, json_body
+from proxy.api.common import current_admin, field, gateway, json_body, storable
 from proxy.api.views import epoch
 from store.admin_queries import search_users, totals
 from store.ledger import Entry, InsufficientFunds, apply_entry
@@ -17,6 +17,7 @@ from workers.errors import Conflict, InvalidRequest, NotFound
 bp = Blueprint("admin_users", __name__, url_prefix="/api/admin")
 
 _BIGINT = 2**62
+_MAX_IDEMPOTENCY_KEY = 200
 
 
 def _user_row(row: dict[str, Any]) -> dict[str, Any]:
@@ -53,6 +54,8 @@ async def users() -> dict[str, Any]:
     if page < 1 or not 1 <= limit <= 500:
         raise InvalidRequest("'page' must be >= 1 and 'limit' within 1..500.")
     query = request.args.get("search") or request.args.get("q")
+    if query is not None and (not storable(query) or len(query) > 320):
+        raise InvalidRequest("'search' must be a short text without NUL.", param="search")
     rows, total = await search_users(gateway().db, query, offset=(page - 1) * limit,
                                      limit=limit)
     return {"users": [_user_row(r) for r in rows], "page": page, "limit": limit,
@@ -99,19 +102,21 @@ async def change_user(user_id: str) -> dict[str, Any]:
     tokens, balance = _delta(body, "tokenLimit_delta"), _delta(body, "balance_fen_delta")
     note = field(body, "note", str, required=False)
     key = request.headers.get("idempotency-key") or secrets.token_hex(12)
+    if len(key) > _MAX_IDEMPOTENCY_KEY:
+        raise InvalidRequest(f"'Idempotency-Key' is longer than {_MAX_IDEMPOTENCY_KEY}.")
     if tokens or balance:
         try:
             async with gw.db.transaction() as conn:
                 await apply_entry(conn, Entry(
                     user_id=user_id, kind="admin_adjust", delta_tokens=tokens,
-                    delta_balance_fen=balance, idempotency_key=f"admin:{key}",
+                    delta_balance_fen=balance, idempotency_key=f"admin:{user_id}:{key}",
                     ref=(note or f"by {admin.id}")[:200],
                 ))
         except InsufficientFunds:
             raise Conflict("The adjustment would make the balance negative.") from None
     if status is not None:
         await set_status(gw.db, user_id, status)
-    await gw.accounts.reload(user_id)
+    await gw.events.user_changed(user_id)
     return await user(user_id)
 
 
@@ -132,5 +137,5 @@ async def _set(user_id: str, status: str) -> dict[str, Any]:
     gw = gateway()
     if not await set_status(gw.db, user_id, status):
         raise NotFound("No such user.")
-    await gw.accounts.reload(user_id)
+    await gw.events.user_changed(user_id)
     return await user(user_id)

@@ -111,7 +111,7 @@ async def new_api_key() -> dict[str, Any]:
     name = field(body, "name", str, required=False) or ""
     gw = gateway()
     _, secret = await create_api_key(gw.db, user.id, name[:100])
-    gw.accounts.forget_key(hash_key(secret))
+    await gw.events.key_revoked(hash_key(secret))  # a cached "no such key" must go
     return {"api_key": secret}
 
 
@@ -123,7 +123,7 @@ async def delete_api_key() -> dict[str, Any]:
     digest = hash_key(secret)
     if not await revoke_api_key(gw.db, user.id, digest):
         raise NotFound("No such API key.")
-    gw.accounts.forget_key(digest)
+    await gw.events.key_revoked(digest)
     return {"revoked": True}
 
 

@@ -62,7 +62,7 @@ async def create() -> tuple[dict[str, Any], int]:
             order = await pay_with_balance(gw.db, user.id, chosen)
         except InsufficientFunds:
             raise PaymentRequired("Your balance does not cover this plan.") from None
-        await gw.accounts.reload(user.id)
+        await gw.events.user_changed(user.id)
         return {"order": order_view(order), "orderId": order.id}, 201
     order = await create_order(gw.db, user.id, chosen, "wxpay",
                                timedelta(seconds=gw.settings.order_ttl_s))
@@ -118,7 +118,7 @@ async def redeem_coupon() -> dict[str, Any]:
     except RedeemError as exc:
         kind, message = _REDEEM_ERRORS[exc.reason]
         raise kind(message, code=f"coupon_{exc.reason}") from None
-    await gw.accounts.reload(user.id)
+    await gw.events.user_changed(user.id)
     return {"redeemed": True, "code": coupon.code, "kind": coupon.kind,
             "value": coupon.value, "planId": coupon.plan_id}
 

@@ -109,13 +109,15 @@ async def test_tpm_usage_above_the_reservation_is_taken_as_debt(
         assert trio.current_time() == 0.0
 
 
-async def test_tpm_without_upstream_usage_settles_on_the_prompt_estimate(
+async def test_tpm_without_upstream_usage_settles_on_the_estimates(
     autojump_clock: MockClock,
 ) -> None:
-    upstream = FakeUpstream(answer(body=completion_json(usage=None)))
+    # No usage in the body: the prompt estimate plus the completion counted from the text
+    # (40 ASCII characters, 10 tokens) is what the key is charged.
+    upstream = FakeUpstream(answer(body=completion_json(text="x" * 40, usage=None)))
     async with running_actor(make_key(tpm=6000), upstream) as actor:
         started(await run_job(actor, *make_job(prompt_estimate=100, max_output=400)))
-        assert _tpm_level(actor) == 6000 - 100
+        assert _tpm_level(actor) == 6000 - 100 - 10
 
 
 async def test_tpm_job_bigger_than_capacity_is_clamped_and_the_debt_delays_the_next(
