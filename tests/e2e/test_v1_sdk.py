@@ -150,3 +150,31 @@ async def test_every_key_failing_gives_an_openai_error_and_no_charge(harness: Ha
     assert rows[0]["prompt_tokens"] + rows[0]["completion_tokens"] == 0
     used = await harness.gw.db.fetchval("SELECT token_used FROM users WHERE id = $1", user_id)
     assert used == 0
+
+
+async def test_an_upstream_failing_mid_stream_ends_with_an_error_event(
+    harness: Harness,
+) -> None:
+    await harness.add_key("mock-cut-1")
+    user_id, key = await harness.add_user()
+    client = harness.client(key)
+
+    def consume() -> tuple[int, str]:
+        pieces = 0
+        try:
+            for chunk in client.chat.completions.create(
+                model="deepseek-v4-flash", messages=CHAT, stream=True,
+                extra_body={"mock": {"chunks": 10}},
+            ):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    pieces += 1
+        except openai.APIError as exc:
+            return pieces, exc.message
+        return pieces, "no error"
+
+    pieces, message = await in_thread(consume)
+    assert pieces == 5  # the mock cuts after half the chunks
+    assert "upstream stream failed" in message
+    rows = await harness.wait_for_usage(user_id, 1)
+    assert rows[0]["usage_source"] == "estimate"
+    assert rows[0]["completion_tokens"] >= 5
