@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import signal
+import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -26,7 +28,9 @@ from proxy.settings import Settings
 from store.batcher import UsageBatcher
 from store.bootstrap import ensure_admin, jwt_secret
 from store.db import Database
+from store.errors import StoreError
 from store.migrate import apply_migrations
+from store.quota import release_leases
 from store.runtime import open_embedded_cluster, open_store
 from store.upstream_keys import disable_upstream_key, list_upstream_keys
 from workers.accounts import Accounts
@@ -95,8 +99,10 @@ async def serve(
         await catalog.reload(db)
         client = UpstreamClient(connect_timeout_s=settings.connect_timeout_s,
                                 max_connections=settings.upstream_max_connections)
+        # This process's name on its quota leases (store.quota).
+        holder = f"{socket.gethostname()[:40]}:{os.getpid()}:{secrets.token_hex(4)}"
         batcher = UsageBatcher(db, metrics, batch_size=settings.flush_batch_size,
-                               interval_s=settings.flush_interval_s)
+                               interval_s=settings.flush_interval_s, holder=holder)
 
         async def on_disable(key_id: str, reason: str) -> None:
             await disable_upstream_key(db, key_id, reason)
@@ -105,7 +111,7 @@ async def serve(
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
         register_snapshots(metrics, pool, db)
-        accounts = Accounts(db)
+        accounts = Accounts(db, holder)
         events = Events(db, accounts, pool, catalog)
         payments = Payments(
             db, events, merchant_config_from_env(os.environ),
@@ -127,6 +133,7 @@ async def serve(
                 await pool.apply(await list_upstream_keys(db))
                 await inner.start(payments.run)
                 await inner.start(events.run)
+                await inner.start(accounts.run)
                 gw = Gateway(
                     settings, db, metrics, pool, accounts, catalog, dispatcher, payments, events,
                     FailureThrottle(settings.login_failures_per_account, 900),
@@ -146,6 +153,12 @@ async def serve(
                 inner.cancel_scope.cancel()
             # HTTP is down and in-flight requests have billed: flush everything.
             await dispatcher.close()
+        # Every record is written: what this process leased and did not spend goes back.
+        with trio.CancelScope(shield=True), trio.move_on_after(5):
+            try:
+                await release_leases(db, holder)
+            except StoreError as exc:  # they lapse on their own (store.quota.LEASE_TTL)
+                log.warning("could not release quota leases: %s", exc)
         with trio.CancelScope(shield=True):
             await client.aclose()
             await payments.aclose()

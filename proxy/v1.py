@@ -95,7 +95,8 @@ class V1App:
         endpoint, upstream_path = ROUTES[route]
         parsed = parse_request(raw, endpoint)
         prompt = estimate_prompt_tokens(parsed.body, endpoint)
-        budget = gw.dispatcher.admit(parsed.model, account, prompt)
+        budget = await gw.dispatcher.admit(parsed.model, account, prompt,
+                                           prompt + parsed.max_output)
         req = Request(
             request_id=request_id, endpoint=endpoint, upstream_path=upstream_path,
             body=parsed.body, model=parsed.model, stream=parsed.stream,

@@ -33,8 +33,10 @@ class UsageBatcher:
         interval_s: float = 1.0,
         inbox_size: int = 100_000,
         final_flush_timeout_s: float = 30.0,
+        holder: str = "",
     ) -> None:
         self._db = db
+        self._holder = holder
         self._metrics = metrics
         self._batch_size = batch_size
         self._interval_s = interval_s
@@ -91,7 +93,7 @@ class UsageBatcher:
         inserted = 0
         for record in batch:
             try:
-                inserted += await write_usage(self._db, [record])
+                inserted += await write_usage(self._db, [record], self._holder)
             except ConnectionLost:
                 raise
             except StoreError as exc:
@@ -106,7 +108,7 @@ class UsageBatcher:
         batch = self._pending[: self._batch_size]
         started = trio.current_time()
         try:
-            inserted = await write_usage(self._db, batch)
+            inserted = await write_usage(self._db, batch, self._holder)
         except ConnectionLost as exc:
             self._metrics.batch_failures.inc()
             log.warning("usage flush of %d records failed: %s", len(batch), exc)

@@ -57,7 +57,9 @@ def translate(exc: Exception) -> StoreError:
         elif isinstance(exc, _AIO_CONNECTION_ERRORS):
             error_type = ConnectionLost
         return error_type(message, sqlstate=sqlstate, constraint=constraint)
-    if isinstance(exc, OSError):
+    if isinstance(exc, OSError | asyncpg.InternalClientError):
+        # InternalClientError: the protocol is in a state it cannot leave (seen after the
+        # server killed the backend mid-transaction); the connection is unusable.
         return ConnectionLost(message)
     return StoreError(message)
 
@@ -74,7 +76,8 @@ class _Runner:
 
         try:
             result: T = await self._loop.run_aio_coroutine(in_asyncio())
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, asyncpg.InternalClientError,
+                OSError) as exc:
             raise translate(exc) from exc
         return result
 

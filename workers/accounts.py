@@ -5,10 +5,16 @@ reservations, plan expiry, allowed model groups, per-user rpm bucket) and the ch
 before dispatch. Usage is charged here at once, in memory, and handed to the batcher for
 Postgres separately. A key revoked through the API is dropped from the cache at once, so
 it fails on the very next request.
+
+Quota is spent from a *lease* (``store.quota``): this process may spend only tokens the
+database granted it, so several processes on one database never spend more than a user
+has in total. Leases are topped up when a request needs more than is left (a database
+round trip only then), and unused leases of idle users are given back by ``run``.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -17,7 +23,9 @@ import trio
 
 from store.apikeys import ApiKeyOwner, find_api_key, hash_key
 from store.db import Database
+from store.errors import StoreError
 from store.plans import get_plan
+from store.quota import LEASE_TTL, acquire_lease, return_lease
 from store.users import User, get_user
 from workers.bucket import TokenBucket
 from workers.errors import (
@@ -44,17 +52,25 @@ class Account:
     allowed_groups: frozenset[str] | None  # None: every group
     rpm: TokenBucket | None
     reserved: int = 0
+    lease_left: int = 0  # tokens this process may still spend
+    lease_at: float = -math.inf  # trio time of the last grant (renewal)
+    active_at: float = -math.inf  # trio time of the last request
 
     @property
     def remaining(self) -> int:
-        return self.token_limit - self.token_used - self.reserved
+        """Tokens this process may still grant to new requests."""
+        return self.lease_left - self.reserved
 
 
 class Accounts:
     """Authentication and quota for the /v1 routes."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, holder: str, *, lease_cap: int = 1_000_000,
+                 idle_return_s: float = 5.0) -> None:
         self._db = db
+        self.holder = holder
+        self._lease_cap = lease_cap
+        self._idle_return_s = idle_return_s
         self._keys: dict[bytes, ApiKeyOwner] = {}
         self._misses: OrderedDict[bytes, float] = OrderedDict()
         self._users: dict[str, Account] = {}
@@ -113,6 +129,16 @@ class Accounts:
         if not reset_used:
             new.token_used = max(new.token_used, old.token_used)
         new.reserved = old.reserved
+        new.lease_at, new.active_at = old.lease_at, old.active_at
+        # The limit may have been lowered: give the unspent lease back, so the next
+        # request is granted against the new limit.
+        if old.lease_left > 0:
+            try:
+                await return_lease(self._db, user_id, self.holder, old.lease_left)
+            except StoreError:
+                new.lease_left = old.lease_left
+        else:
+            new.lease_left = old.lease_left
 
     async def _load(self, user_id: str) -> Account:
         user = await get_user(self._db, user_id)
@@ -148,30 +174,57 @@ class Accounts:
         account = self._users.get(user_id)
         return stored if account is None else max(stored, account.token_used)
 
-    def check(self, account: Account, model_group: str, reserve: int) -> int:
-        """Admit one request or raise; reserve ``reserve`` tokens; return the token budget."""
+    async def check(self, account: Account, model_group: str, reserve: int, need: int) -> int:
+        """Admit one request or raise; reserve ``reserve`` tokens; return the token budget
+        (what the request may use in all). ``need`` is what it may use at most (prompt
+        plus its output limit): the lease is topped up towards it when short."""
         if account.status != "active":
             raise AccountDisabled("This account is disabled.")
         if account.expires_at is not None and account.expires_at <= time.time():
             raise PlanExpired("Your plan has expired. Renew it to continue.")
         if account.allowed_groups is not None and model_group not in account.allowed_groups:
             raise PermissionDenied("Your plan does not include this model.")
+        now = trio.current_time()
+        if account.remaining < need or now - account.lease_at > LEASE_TTL.total_seconds() / 2:
+            await self._top_up(account, need - max(account.remaining, 0))
         if account.remaining <= 0:
             raise QuotaExceeded(
                 "You exceeded your current quota, please check your plan and billing details."
             )
-        if account.rpm is not None:
-            now = trio.current_time()
-            if not account.rpm.try_take(1, now):
-                raise RateLimited(
-                    "Rate limit reached for requests per minute.",
-                    retry_after_s=account.rpm.delay_until(1, now),
-                )
+        if account.rpm is not None and not account.rpm.try_take(1, now):
+            raise RateLimited(
+                "Rate limit reached for requests per minute.",
+                retry_after_s=account.rpm.delay_until(1, now),
+            )
         budget = account.remaining
         account.reserved += reserve
+        account.active_at = now
         return budget
+
+    async def _top_up(self, account: Account, want: int) -> None:
+        grant, reset = await acquire_lease(self._db, account.user_id, self.holder,
+                                           max(want, 1), self._lease_cap)
+        account.lease_left = grant if reset else account.lease_left + grant
+        account.lease_at = trio.current_time()
 
     def settle(self, account: Account, reserved: int, used: int) -> None:
         """Release the reservation and charge the real usage, at once, in memory."""
         account.reserved -= reserved
+        account.lease_left -= used
         account.token_used += used
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Give back the unspent leases of idle users, so other processes can use them."""
+        task_status.started()
+        while True:
+            await trio.sleep(self._idle_return_s)
+            now = trio.current_time()
+            for account in list(self._users.values()):
+                if account.reserved == 0 and account.lease_left > 0 and \
+                        now - account.active_at >= self._idle_return_s:
+                    amount = account.lease_left
+                    account.lease_left = 0
+                    try:
+                        await return_lease(self._db, account.user_id, self.holder, amount)
+                    except StoreError:
+                        account.lease_left += amount  # try again next round

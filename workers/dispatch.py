@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import trio
@@ -102,7 +103,7 @@ class Dispatcher:
         self._max_attempts = max_attempts
         self._dispatch_wait_s = dispatch_wait_s
 
-    def admit(self, model_id: str, account: Account, reserve: int) -> int:
+    async def admit(self, model_id: str, account: Account, reserve: int, need: int) -> int:
         """Check the model and the account; reserve tokens; return the token budget."""
         model = self._catalog.get(model_id)
         if model is None or not self._pool.serving(model_id):
@@ -110,7 +111,7 @@ class Dispatcher:
                 f"The model `{model_id}` does not exist or you do not have access to it.",
                 param="model",
             )
-        return self._accounts.check(account, model.model_group, reserve)
+        return await self._accounts.check(account, model.model_group, reserve, need)
 
     async def open(self, req: Request, token_budget: int) -> Reply:
         """Send the request to keys until one answers; raise the last failure otherwise."""
@@ -210,6 +211,7 @@ class Dispatcher:
             completion_tokens=usage.completion_tokens, cost_micro=cost,
             latency_ms=int((now - req.started_at) * 1000), ttft_ms=ttft,
             status=status, usage_source=source,
+            created_at=datetime.now(UTC) - timedelta(seconds=now - req.started_at),
         )
         metrics = self._metrics
         route = req.endpoint

@@ -1,7 +1,8 @@
 """The admin CSV exports, streamed row by row (a page of rows at a time from Postgres).
 
 Cells that a spreadsheet would run as a formula (starting with ``=``, ``+``, ``-``, ``@``,
-tab or carriage return) are prefixed with ``'``. Upstream secrets are masked.
+tab or carriage return) are prefixed with ``'``; numbers are written as they are (``-3``
+is no formula). Upstream secrets are masked.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from quart import Blueprint, Response
 
 from proxy.api.common import current_admin, gateway
 from store.admin_queries import paged_rows
+from store.db import Database
 from store.upstream_keys import masked_secret
 
 bp = Blueprint("exports", __name__, url_prefix="/api/export")
@@ -26,6 +28,8 @@ _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 def neutralise(value: Any) -> str:
     if value is None:
         return ""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)  # a number is no formula: keep "-3" a number, not the text "'-3"
     if isinstance(value, datetime):
         return value.isoformat()
     if isinstance(value, list | tuple):
@@ -44,10 +48,12 @@ Transform = Callable[[dict[str, Any]], dict[str, Any]]
 
 
 async def _stream(
-    table: str, columns: Sequence[str], key: str, transform: Transform | None
+    db: Database, table: str, columns: Sequence[str], key: str, transform: Transform | None
 ) -> AsyncIterator[bytes]:
+    # Runs after the route has returned, outside Quart's app context: it must not call
+    # ``gateway()``, so the database handle is passed in.
     yield _line(columns)
-    async for page in paged_rows(gateway().db, table, columns, key):
+    async for page in paged_rows(db, table, columns, key):
         for row in page:
             if transform is not None:
                 row = transform(row)
@@ -58,7 +64,8 @@ async def _csv(
     name: str, table: str, columns: Sequence[str], key: str, transform: Transform | None = None
 ) -> Response:
     await current_admin()
-    response = Response(_stream(table, columns, key, transform), mimetype="text/csv")
+    body = _stream(gateway().db, table, columns, key, transform)
+    response = Response(body, mimetype="text/csv")
     response.headers["Content-Disposition"] = f'attachment; filename="{name}"'
     response.timeout = None  # a large export may take longer than the default
     return response

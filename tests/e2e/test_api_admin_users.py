@@ -3,8 +3,8 @@ effect on both credentials, quota and balance adjustments recorded in the ledger
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 import secrets
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -286,15 +286,19 @@ async def test_a_token_grant_reaches_the_v1_quota_at_once(
     harness: Harness, api: httpx.AsyncClient, admin: dict[str, str]
 ) -> None:
     await harness.add_key()
-    user_id, _, sk = await user_with_key(harness, api, "quota@airgate.test")
-    assert (await api.post("/v1/chat/completions", headers=bearer(sk), json=CHAT)).is_success
-    await api.patch(f"{USERS}/{user_id}", headers=admin, json={"tokenLimit_delta": -1_000_000})
+    user_id, token = await register(api, "quota@airgate.test")
+    sk = (await api.post("/api/auth/apikey", headers=bearer(token))).json()["api_key"]
     refused = await api.post("/v1/chat/completions", headers=bearer(sk), json=CHAT)
     assert refused.status_code == 429, refused.text
     assert refused.json()["error"]["code"] == "insufficient_quota"
-    await api.patch(f"{USERS}/{user_id}", headers=admin, json={"tokenLimit_delta": 1000})
+    granted = await api.patch(f"{USERS}/{user_id}", headers=admin,
+                              json={"tokenLimit_delta": 1000})
+    assert granted.status_code == 200, granted.text
+    assert granted.json()["user"]["tokenLimit"] == 1000
     again = await api.post("/v1/chat/completions", headers=bearer(sk), json=CHAT)
     assert again.status_code == 200, again.text
+    _, _, tokens = await ledger_totals(harness.gw.db, user_id)
+    assert tokens == 1000
 
 
 BAD_CHANGES: list[tuple[str, dict[str, Any]]] = [
@@ -323,7 +327,7 @@ async def test_bad_changes_are_refused_with_400_and_write_nothing(
     row = await harness.gw.db.fetchrow(
         "SELECT status, balance_fen, token_limit FROM users WHERE id = $1", user_id)
     assert row is not None
-    assert tuple(row) == ("active", 0, 0)
+    assert dict(row) == {"status": "active", "balance_fen": 0, "token_limit": 0}
     assert await harness.gw.db.fetchval("SELECT count(*) FROM ledger") == 0
 
 

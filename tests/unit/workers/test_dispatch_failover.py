@@ -83,7 +83,7 @@ async def dispatching(
         await pool.apply(keys)
         send, receive = trio.open_memory_channel[UsageRecord](16)
         # open() reads neither the accounts nor the catalogue; they never reach a database.
-        accounts = Accounts(cast(Database, None))
+        accounts = Accounts(cast(Database, None), "test-holder")
         dispatcher = Dispatcher(pool, accounts, Catalog(), send, Metrics(),
                                 max_attempts=3, dispatch_wait_s=5.0)
         async with send, receive:

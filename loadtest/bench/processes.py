@@ -1,0 +1,192 @@
+"""Starting and stopping the benchmark's servers as subprocesses, and provisioning.
+
+The mock upstream, the bare relay and the gateway each run in their own process so that
+/proc tells their CPU and memory apart. The gateway is reached only over HTTP: it is
+started with ``python -m proxy.cli serve`` and set up through its admin and account API.
+Must not import ``proxy``, ``workers`` or ``store``.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import httpx
+
+MODEL = "gpt-4o-mini"
+UPSTREAM_KEY = "mock-bench"
+
+
+class BenchSetupError(Exception):
+    pass
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_for_port(port: int, proc: subprocess.Popen[bytes], timeout_s: float, log: Path) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise BenchSetupError(f"process exited ({proc.returncode}); see {log}:\n"
+                                  + log.read_text(errors="replace")[-2000:])
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise BenchSetupError(f"nothing listened on port {port} within {timeout_s} s; see {log}")
+
+
+@dataclass
+class Server:
+    name: str
+    proc: subprocess.Popen[bytes]
+    port: int
+    log: Path
+    log_file: IO[bytes]
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stop(self, grace_s: float = 15) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(grace_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.log_file.close()
+
+
+def start_server(name: str, argv: list[str], port: int, workdir: Path,
+                 env: dict[str, str] | None = None, timeout_s: float = 30) -> Server:
+    log = workdir / f"{name}.log"
+    log_file = log.open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT,
+        stdin=subprocess.DEVNULL, env=env,
+    )
+    server = Server(name, proc, port, log, log_file)
+    try:
+        wait_for_port(port, proc, timeout_s, log)
+    except BaseException:
+        server.stop(2)
+        raise
+    return server
+
+
+def start_mock(workdir: Path, port: int | None = None) -> Server:
+    port = port or free_port()
+    return start_server("mock", ["-m", "loadtest.mock_upstream", "--port", str(port)],
+                        port, workdir)
+
+
+def start_relay(workdir: Path, upstream: str) -> Server:
+    port = free_port()
+    return start_server("relay", ["-m", "loadtest.bench.relay", "--upstream", upstream,
+                                  "--port", str(port), "--key", UPSTREAM_KEY], port, workdir)
+
+
+@dataclass
+class Gateway:
+    server: Server
+    data_dir: Path
+    api_key: str = ""
+    admin: dict[str, str] = field(default_factory=dict)
+
+    def postmaster_pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "pgdata" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+
+    def stop(self) -> None:
+        self.server.stop(40)
+        pid = self.postmaster_pid()  # the gateway stops its cluster; make sure
+        if pid is not None:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                time.sleep(1)
+            except ProcessLookupError:
+                pass
+
+
+def reachable_tmp_dir(prefix: str) -> Path:
+    """A temp dir under /tmp that the ``postgres`` user can traverse (we may be root)."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    path.chmod(0o755)
+    return path
+
+
+def start_gateway(workdir: Path, mock_url: str) -> Gateway:
+    """``python -m proxy.cli serve`` with its own embedded Postgres, provisioned over HTTP."""
+    port = free_port()
+    data_dir = reachable_tmp_dir("airgate-bench-db-")
+    admin = {"email": "bench-admin@airgate.local", "password": secrets.token_hex(12)}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRGATE_")}
+    env.update(AIRGATE_ADMIN_EMAIL=admin["email"], AIRGATE_ADMIN_PASSWORD=admin["password"],
+               AIRGATE_SHUTDOWN_GRACE_S="5", AIRGATE_LOG_LEVEL="warning")
+    server = start_server(
+        "gateway",
+        ["-m", "proxy.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+         "--data-dir", str(data_dir)],
+        port, workdir, env=env, timeout_s=120,
+    )
+    gateway = Gateway(server, data_dir, admin=admin)
+    try:
+        gateway.api_key = provision(server.url, mock_url, admin)
+    except BaseException:
+        gateway.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+        raise
+    return gateway
+
+
+def _call(client: httpx.Client, path: str, body: dict[str, Any] | None = None,
+          token: str | None = None) -> dict[str, Any]:
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    response = client.post(path, json=body if body is not None else {}, headers=headers)
+    if response.status_code >= 300:
+        raise BenchSetupError(f"POST {path}: {response.status_code} {response.text[:300]}")
+    result: dict[str, Any] = response.json()
+    return result
+
+
+def provision(base: str, mock_url: str, admin: dict[str, str]) -> str:
+    """Upstream key at the mock, a bench user with a huge token coupon; its sk- key."""
+    with httpx.Client(base_url=base, timeout=30) as client:
+        admin_token = _call(client, "/api/admin/login", admin)["token"]
+        _call(client, "/api/admin/upstream-keys", {
+            "name": "bench mock", "base_url": mock_url + "/v1", "api_key": UPSTREAM_KEY,
+            "models": [MODEL], "max_concurrency": 2000,
+        }, admin_token)
+        user = {"email": f"bench-{secrets.token_hex(4)}@airgate.local",
+                "password": secrets.token_hex(12)}
+        token = _call(client, "/api/auth/register", user)["token"]
+        code = f"BENCH{secrets.token_hex(6).upper()}"
+        _call(client, "/api/admin/coupons",
+              {"code": code, "kind": "tokens", "value": 10**12, "maxUses": 1}, admin_token)
+        _call(client, "/api/coupon/redeem", {"code": code}, token)
+        key: str = _call(client, "/api/auth/apikey", {"name": "bench"}, token)["api_key"]
+        return key

@@ -1,0 +1,69 @@
+"""Quota leases: how much of a user's remaining tokens one gateway process may spend.
+
+Owns the ``quota_leases`` table. ``acquire_lease`` grants a process up to ``want`` more
+tokens, never more than the user's limit minus what is used and what other live leases
+hold (the user row is locked for the decision, so concurrent grants cannot both take the
+same tokens). Usage flushes shrink the flushing process's lease (``store.usage``).
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from store.db import Database
+
+LEASE_TTL = timedelta(minutes=10)
+
+
+async def acquire_lease(
+    db: Database, user_id: str, holder: str, need: int, cap: int
+) -> tuple[int, bool]:
+    """Grant ``holder`` more tokens: at least ``need`` when that many are free, else all
+    that is free; up to a quarter of what is free (at most ``cap``) to save round trips.
+
+    Returns ``(granted, reset)``: ``reset`` when the holder's earlier lease had lapsed and
+    no longer counts (the grant replaces it rather than adding to it).
+    """
+    async with db.transaction() as conn:
+        free = await conn.fetchval(
+            "SELECT token_limit - token_used FROM users WHERE id = $1 FOR UPDATE", user_id)
+        if free is None:
+            return 0, False
+        row = await conn.fetchrow(
+            "SELECT coalesce(sum(tokens), 0) AS leased,"
+            " bool_or(holder = $2) AS mine FROM quota_leases WHERE user_id = $1"
+            " AND renewed_at > now() - $3::interval",
+            user_id, holder, LEASE_TTL,
+        )
+        assert row is not None
+        available = int(free) - int(row["leased"])
+        grant = max(0, min(available, max(need, min(available // 4, cap))))
+        await conn.execute(
+            "INSERT INTO quota_leases (user_id, holder, tokens) VALUES ($1, $2, $3)"
+            " ON CONFLICT (user_id, holder) DO UPDATE SET"
+            " tokens = CASE WHEN quota_leases.renewed_at > now() - $4::interval"
+            "   THEN quota_leases.tokens ELSE 0 END + EXCLUDED.tokens,"
+            " renewed_at = now()",
+            user_id, holder, grant, LEASE_TTL,
+        )
+        return grant, not row["mine"]
+
+
+async def lease_of(db: Database, user_id: str, holder: str) -> int:
+    value = await db.fetchval(
+        "SELECT tokens FROM quota_leases WHERE user_id = $1 AND holder = $2", user_id, holder)
+    return int(value or 0)
+
+
+async def return_lease(db: Database, user_id: str, holder: str, amount: int) -> None:
+    """Give ``amount`` unspent tokens of a lease back (an idle user)."""
+    await db.execute(
+        "UPDATE quota_leases SET tokens = greatest(tokens - $3, 0)"
+        " WHERE user_id = $1 AND holder = $2",
+        user_id, holder, amount,
+    )
+
+
+async def release_leases(db: Database, holder: str) -> None:
+    """Give back what ``holder`` did not spend (after its last usage flush)."""
+    await db.execute("DELETE FROM quota_leases WHERE holder = $1", holder)
