@@ -157,6 +157,8 @@ class V1App:
             if chunk is None:
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            if reply.job.counter.done:
+                done[0] = True  # the client has [DONE] and may hang up before our last byte
         done[0] = True
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 

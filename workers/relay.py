@@ -96,6 +96,9 @@ async def _relay_stream(
                         failure = classify(None, orjson.dumps({"error": info.error}))
                         break
                     out.append(event.raw)
+                    if counter.completion_tokens_estimate > budget:
+                        job.cut_for_quota = True  # the rest of this batch is not relayed
+                        break
                 if out:
                     if job.first_byte_at is None:
                         job.first_byte_at = trio.current_time()
@@ -106,8 +109,7 @@ async def _relay_stream(
                 if failure is not None:
                     forwarded_error = True
                     break
-                if counter.completion_tokens_estimate > budget:
-                    job.cut_for_quota = True
+                if job.cut_for_quota:
                     await job.reply.send(error_event(
                         "You exceeded your current quota; the stream was stopped.",
                         "insufficient_quota", "insufficient_quota"))

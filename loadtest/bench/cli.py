@@ -220,9 +220,9 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nbenchmark took {time.monotonic() - started:.0f} s; cells of {args.duration_s:g} s"
           f" after {args.warmup_s:g} s warm-up; latencies from request sent to last byte\n")
     print(format_table(cells))
-    for target in ("gateway", "compare"):
-        if any(c.target == target for c in cells) and any(c.target == "relay" for c in cells):
-            print("\n" + format_versus(cells, target, "relay"))
+    for name in ("gateway", "compare"):
+        if any(c.target == name for c in cells) and any(c.target == "relay" for c in cells):
+            print("\n" + format_versus(cells, name, "relay"))
     print("\n" + format_cpu(cells))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([c.as_json() for c in cells], indent=2))

@@ -223,7 +223,7 @@ async def _worker(
         if scope.cancelled_caught:
             tally.error("timeout", time.perf_counter())
         fresh = False
-        if close:
+        if close and stream is not None:
             await stream.aclose()
             stream = None
 

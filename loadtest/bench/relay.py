@@ -69,15 +69,17 @@ async def run_relay(upstream: str, host: str, port: int, key: str) -> None:
     config.backlog = 1024
     config.keep_alive_max_requests = 1_000_000
     limits = httpx.Limits(max_connections=1000, max_keepalive_connections=1000)
-    async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120)) as client:
-        async with trio.open_nursery() as nursery:
-            app = cast(Any, Relay(upstream, client, key))
-            binds = await nursery.start(partial(serve, app, config, mode="asgi"))
-            print(f"relay listening on {binds[0]}", flush=True)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                async for _ in signals:
-                    nursery.cancel_scope.cancel()
-                    break
+    async with (
+        httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(120)) as client,
+        trio.open_nursery() as nursery,
+    ):
+        app = cast(Any, Relay(upstream, client, key))
+        binds = await nursery.start(partial(serve, app, config, mode="asgi"))
+        print(f"relay listening on {binds[0]}", flush=True)
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for _ in signals:
+                nursery.cancel_scope.cancel()
+                break
 
 
 def main() -> None:

@@ -206,7 +206,8 @@ def format_versus(cells: Sequence[Cell], target: str, base: str) -> str:
         )
         lines.append(
             f"  {c.scenario:>9} c={c.concurrency:<5} rps x{_ratio(mine.rps, other.rps):>5}"
-            f"  p50 {_delta(mine.p50_ms, other.p50_ms):>7}  p99 {_delta(mine.p99_ms, other.p99_ms):>7}"
+            f"  p50 {_delta(mine.p50_ms, other.p50_ms):>7}"
+            f"  p99 {_delta(mine.p99_ms, other.p99_ms):>7}"
             f"  ttfb50 {_delta(mine.ttfb_p50_ms, other.ttfb_p50_ms):>7}  cpu x{cpu}"
         )
     return "\n".join(lines)
