@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from typing import Any
 
 import trio
@@ -35,7 +36,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="airgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    _common(sub.add_parser("serve", help="run the gateway"))
+    serve_parser = sub.add_parser("serve", help="run the gateway")
+    _common(serve_parser)
+    serve_parser.add_argument("--worker-slot", help=argparse.SUPPRESS)  # set by --workers
     demo = sub.add_parser("demo", help="run the gateway with a mock upstream and a demo user")
     _common(demo)
     demo.add_argument("--ttft-ms", type=float, default=0.0)
@@ -53,15 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     except SettingsError as exc:
         print(f"airgate: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
-    if settings.workers != 1:
-        print("airgate: --workers > 1 is not supported yet; run one process per port",
-              file=sys.stderr)
-        raise SystemExit(2)
     configure_logging(settings.log_level)
-    if args.command == "serve":
-        from proxy.serve import serve
+    if args.command == "serve" and settings.workers > 1:
+        from proxy.supervisor import run_workers
 
-        trio.run(serve, settings)
+        raise SystemExit(run_workers(settings))
+    if args.command == "serve":
+        from proxy.serve import WorkerSlot, serve
+
+        slot = None
+        if args.worker_slot:
+            index, count, fd = (int(part) for part in args.worker_slot.split("/"))
+            slot = WorkerSlot(index, count, fd)
+        trio.run(partial(serve, settings, slot=slot))
     elif args.command == "demo":
         from proxy.demo import run_demo
 

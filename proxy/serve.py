@@ -15,6 +15,7 @@ import signal
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import dataclass
 
 import trio
 from hypercorn.config import Config
@@ -57,9 +58,18 @@ async def open_database_for(settings: Settings) -> AsyncIterator[Database]:
         yield db
 
 
-def _hypercorn_config(settings: Settings) -> Config:
+@dataclass(frozen=True, slots=True)
+class WorkerSlot:
+    """One of several worker processes sharing a listening socket (``proxy.supervisor``)."""
+
+    index: int
+    count: int
+    fd: int
+
+
+def _hypercorn_config(settings: Settings, slot: WorkerSlot | None) -> Config:
     config = Config()
-    config.bind = [f"{settings.host}:{settings.port}"]
+    config.bind = [f"fd://{slot.fd}"] if slot else [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
     config.keep_alive_timeout = 75
     config.accesslog = None
@@ -81,6 +91,7 @@ async def serve(
     *,
     stop: trio.Event | None = None,
     on_ready: Callable[[Gateway, list[str]], Awaitable[None]] | None = None,
+    slot: WorkerSlot | None = None,
     task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Run the gateway until ``stop`` is set (or SIGINT/SIGTERM)."""
@@ -109,8 +120,12 @@ async def serve(
 
         pool = KeyPool(client, metrics, inbox_size=settings.actor_inbox_size,
                        first_byte_timeout_s=settings.first_byte_timeout_s,
-                       idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable)
+                       idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable,
+                       share=(slot.index, slot.count) if slot else (0, 1))
         register_snapshots(metrics, pool, db)
+        worker_index = str(slot.index if slot else 0)
+        metrics.snapshots.add("airgate_worker", "This process's worker index", ["index"],
+                              lambda: [((worker_index,), 1.0)])
         accounts = Accounts(db, holder)
         events = Events(db, accounts, pool, catalog)
         payments = Payments(
@@ -142,10 +157,12 @@ async def serve(
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
                     binds = await http.start(
-                        _serve_http, build_app(gw), _hypercorn_config(settings), stop
+                        _serve_http, build_app(gw), _hypercorn_config(settings, slot), stop
                     )
                     log.info("airgate listening on %s", ", ".join(binds))
-                    payments.bind(settings.public_url or binds[0])
+                    # On an inherited socket hypercorn reports the fd, not an address.
+                    own_url = f"http://{settings.host}:{settings.port}" if slot else binds[0]
+                    payments.bind(settings.public_url or own_url)
                     if on_ready is not None:
                         await on_ready(gw, binds)
                     task_status.started(binds)

@@ -49,6 +49,7 @@ class KeyActor:
         first_byte_timeout_s: float,
         idle_timeout_s: float,
         on_disable: OnDisable,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self.key = key
         self._client = client
@@ -60,8 +61,14 @@ class KeyActor:
         self.health = KeyHealth(now)
         if key.status != "active":
             self.health.disable(key.disabled_reason or "disabled")
-        self.rpm = TokenBucket(key.rpm, key.rpm / 60.0, now) if key.rpm else None
-        self.tpm = TokenBucket(key.tpm, key.tpm / 60.0, now) if key.tpm else None
+        # With several worker processes each owns its share of the key's limits, so the
+        # limits hold in total. A share of 0 means this process cannot use the key.
+        rpm = _share(key.rpm, share)
+        tpm = _share(key.tpm, share)
+        self.concurrency = _share(key.max_concurrency, share) or 0
+        self.usable = rpm != 0 and tpm != 0 and self.concurrency > 0
+        self.rpm = TokenBucket(rpm, rpm / 60.0, now) if rpm else None
+        self.tpm = TokenBucket(tpm, tpm / 60.0, now) if tpm else None
         self.inbox_size = inbox_size
         self._send, self._receive = trio.open_memory_channel[Job](inbox_size)
         self.queued = 0
@@ -72,13 +79,13 @@ class KeyActor:
     # -- read by the router --------------------------------------------------------------
 
     def serves(self, model: str) -> bool:
-        return model in self.key.models
+        return self.usable and model in self.key.models
 
     def can_take(self, now: float, tokens: int) -> bool:
         """Whether a job of ``tokens`` estimated tokens would be admitted right away."""
-        if self.queued >= self.inbox_size or not self.health.available(now):
+        if not self.usable or self.queued >= self.inbox_size or not self.health.available(now):
             return False
-        if self.queued + self.inflight >= self.key.max_concurrency:
+        if self.queued + self.inflight >= self.concurrency:
             return False
         if self.rpm is not None and self.rpm.level(now) < 1:
             return False
@@ -117,7 +124,7 @@ class KeyActor:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             async with self._receive:
-                for _ in range(self.key.max_concurrency):
+                for _ in range(self.concurrency):
                     nursery.start_soon(self._worker, self._receive.clone())
             task_status.started()
 
@@ -285,3 +292,11 @@ class KeyActor:
             reason = f"auto-disabled: {failure.kind.value}"
             log.warning("upstream key %s disabled (%s)", self.key.id, failure.kind.value)
             self._nursery.start_soon(self._on_disable, self.key.id, reason)
+
+
+def _share(limit: int | None, share: tuple[int, int]) -> int | None:
+    """Worker ``index`` of ``count``'s part of ``limit``; the parts add up to ``limit``."""
+    if limit is None:
+        return None
+    index, count = share
+    return limit // count + (1 if index < limit % count else 0)

@@ -47,6 +47,7 @@ class KeyPool:
         idle_timeout_s: float,
         on_disable: OnDisable,
         rng: random.Random | None = None,
+        share: tuple[int, int] = (0, 1),
     ) -> None:
         self._client = client
         self._metrics = metrics
@@ -54,6 +55,7 @@ class KeyPool:
         self._first_byte_timeout_s = first_byte_timeout_s
         self._idle_timeout_s = idle_timeout_s
         self._on_disable = on_disable
+        self._share = share
         self._rng = rng or random.Random()
         self.actors: dict[str, KeyActor] = {}
         self._nursery: trio.Nursery | None = None
@@ -102,7 +104,7 @@ class KeyPool:
             inbox_size=self._inbox_size,
             first_byte_timeout_s=self._first_byte_timeout_s,
             idle_timeout_s=self._idle_timeout_s,
-            on_disable=self._on_disable,
+            on_disable=self._on_disable, share=self._share,
         )
 
     # -- routing ------------------------------------------------------------------------

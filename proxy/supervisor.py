@@ -1,0 +1,96 @@
+"""``airgate serve --workers N``: N gateway processes on one listening socket.
+
+The supervisor prepares what the workers share: the embedded Postgres cluster (when no
+``database_url`` is set), the migrations, and the listening socket, which each worker
+inherits (hypercorn's ``fd://`` bind; the kernel spreads connections among the processes
+blocked in ``accept``). Workers are ``airgate serve`` processes told their slot; each owns
+its share of every upstream key's rpm/tpm/concurrency (they add up to the key's limits),
+and quota leases plus change events keep users' quotas and admin changes consistent
+across them. SIGTERM/SIGINT are passed on; a worker that dies is started again.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import ExitStack
+from pathlib import Path
+
+import trio
+
+from proxy.settings import Settings
+from store.cluster import EmbeddedCluster
+from store.migrate import apply_migrations
+from store.runtime import open_store
+
+log = logging.getLogger("airgate.supervisor")
+
+_RESTART_PAUSE_S = 1.0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(1024)
+    sock.set_inheritable(True)
+    return sock
+
+
+async def _migrate(dsn: str) -> None:
+    async with open_store(dsn, pool_size=1) as db:
+        await apply_migrations(db)
+
+
+def _spawn(index: int, count: int, fd: int, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    command = [sys.executable, "-m", "proxy.cli", "serve", "--worker-slot",
+               f"{index}/{count}/{fd}"]
+    return subprocess.Popen(command, env=env, pass_fds=(fd,))
+
+
+def run_workers(settings: Settings) -> int:
+    """Run ``settings.workers`` worker processes until SIGTERM/SIGINT; return an exit code."""
+    stopping = False
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    with ExitStack() as stack:
+        dsn = settings.database_url
+        if not dsn:
+            cluster = EmbeddedCluster(Path(settings.data_dir) / "pgdata")
+            dsn = cluster.start()
+            stack.callback(cluster.stop)
+        trio.run(_migrate, dsn)
+        sock = stack.enter_context(_listen(settings.host, settings.port))
+        env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}
+        count = settings.workers
+        procs = [_spawn(i, count, sock.fileno(), env) for i in range(count)]
+        log.info("supervising %d workers on %s:%d", count, settings.host, settings.port)
+        while not stopping:
+            time.sleep(0.2)
+            for i, proc in enumerate(procs):
+                if proc.poll() is not None and not stopping:
+                    log.error("worker %d exited with %s; starting it again", i, proc.returncode)
+                    time.sleep(_RESTART_PAUSE_S)
+                    procs[i] = _spawn(i, count, sock.fileno(), env)
+        for proc in procs:
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + settings.shutdown_grace_s + 15
+        for proc in procs:
+            try:
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        return 0 if all(p.returncode == 0 for p in procs) else 1

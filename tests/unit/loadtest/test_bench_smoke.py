@@ -1,0 +1,23 @@
+"""One quick benchmark run (mock and bare relay, no gateway) finishes with a clean table."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+
+def test_quick_benchmark_prints_rows_without_errors() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench", "--quick", "--targets", "direct,relay",
+         "--scenarios", "nonstream"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = [line.split() for line in done.stdout.splitlines()
+            if line.split()[:1] == ["nonstream"] and len(line.split()) == 18]
+    assert [(r[1], r[2]) for r in rows] == [
+        ("1", "direct"), ("1", "relay"), ("10", "direct"), ("10", "relay")]
+    for row in rows:
+        assert float(row[3].replace(",", "")) > 0, row  # requests/s
+        assert row[17] == "0", row  # errors
+    assert "some cells had errors" not in done.stdout
