@@ -99,7 +99,7 @@ class V1App:
                                            prompt + parsed.max_output)
         req = Request(
             request_id=request_id, endpoint=endpoint, upstream_path=upstream_path,
-            body=parsed.body, model=parsed.model, stream=parsed.stream,
+            body=parsed.body, raw_body=raw, model=parsed.model, stream=parsed.stream,
             include_usage=parsed.include_usage, prompt_estimate=prompt,
             max_output=parsed.max_output, owner=owner, account=account,
         )

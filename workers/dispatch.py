@@ -48,6 +48,7 @@ class Request:
     endpoint: str  # chat | completions | embeddings
     upstream_path: str
     body: dict[str, Any]
+    raw_body: bytes
     model: str
     stream: bool
     include_usage: bool
@@ -127,7 +128,8 @@ class Dispatcher:
             send, receive = trio.open_memory_channel[Event](_REPLY_BUFFER)
             job = Job(
                 request_id=req.request_id, endpoint=req.endpoint,
-                upstream_path=req.upstream_path, body=req.body, public_model=req.model,
+                upstream_path=req.upstream_path, body=req.body, raw_body=req.raw_body,
+                public_model=req.model,
                 stream=req.stream, include_usage=req.include_usage,
                 prompt_estimate=req.prompt_estimate, max_output=req.max_output,
                 token_budget=token_budget, deadline=deadline, reply=send,

@@ -44,6 +44,7 @@ class Job:
     endpoint: str  # chat | completions | embeddings
     upstream_path: str  # e.g. /chat/completions, appended to the key's base_url
     body: dict[str, Any]
+    raw_body: bytes  # the client's bytes, forwarded as they are when nothing needs patching
     public_model: str
     stream: bool
     include_usage: bool  # the client asked for the usage chunk

@@ -220,15 +220,24 @@ class KeyActor:
                           affects_health=False)
         await self._fail(job, failure, message)
 
-    async def _execute(self, job: Job) -> Failure | None:
-        """Call the upstream and relay; return the failure that counts against the key."""
+    def _payload(self, job: Job) -> bytes:
+        """The request for this key: the client's own bytes when nothing needs changing
+        (the usual case), else re-encoded with the mapped model and usage asked for."""
+        upstream_model = self.key.model_map.get(job.public_model, job.public_model)
+        wants_usage = job.stream and job.endpoint != "embeddings" and not job.include_usage
+        if upstream_model == job.public_model and not wants_usage and job.raw_body:
+            return job.raw_body
         body = dict(job.body)
-        body["model"] = self.key.model_map.get(job.public_model, job.public_model)
-        if job.stream and job.endpoint != "embeddings":
+        body["model"] = upstream_model
+        if wants_usage:
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True
             body["stream_options"] = options
-        payload = orjson.dumps(body)
+        return orjson.dumps(body)
+
+    async def _execute(self, job: Job) -> Failure | None:
+        """Call the upstream and relay; return the failure that counts against the key."""
+        payload = self._payload(job)
         url = self._url_base + job.upstream_path
         job.upstream_key_id = self.key.id
         job.upstream_started_at = trio.current_time()

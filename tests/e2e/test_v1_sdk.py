@@ -178,3 +178,16 @@ async def test_an_upstream_failing_mid_stream_ends_with_an_error_event(
     rows = await harness.wait_for_usage(user_id, 1)
     assert rows[0]["usage_source"] == "estimate"
     assert rows[0]["completion_tokens"] >= 5
+
+
+async def test_model_mapping_patches_only_the_model(harness: Harness) -> None:
+    await harness.add_key(model_map={"deepseek-v4-flash": "ds-upstream-name"})
+    user_id, key = await harness.add_user()
+    client = harness.client(key)
+    reply = await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
+                            messages=CHAT, extra_body={"mock": {"chunks": 3}})
+    # The mock echoes the model it was asked for, and honours the unknown `mock` field.
+    assert reply.model == "ds-upstream-name"
+    assert reply.choices[0].message.content == "tok " * 3
+    rows = await harness.wait_for_usage(user_id, 1)
+    assert rows[0]["model"] == "deepseek-v4-flash"  # billed under the public model

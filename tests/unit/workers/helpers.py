@@ -304,7 +304,8 @@ def make_job(
             request_body["stream_options"] = {"include_usage": True}
     job = Job(
         request_id="req-1", endpoint="chat", upstream_path="/chat/completions",
-        body=request_body, public_model=MODEL, stream=stream, include_usage=include_usage,
+        body=request_body, raw_body=orjson.dumps(request_body), public_model=MODEL,
+        stream=stream, include_usage=include_usage,
         prompt_estimate=prompt_estimate, max_output=max_output, token_budget=token_budget,
         deadline=deadline, reply=send,
     )

@@ -68,6 +68,8 @@ def request() -> Request:
     return Request(
         request_id="req-1", endpoint="chat", upstream_path="/chat/completions",
         body={"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
+        raw_body=b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}]}'
+        % MODEL.encode(),
         model=MODEL, stream=False, include_usage=False, prompt_estimate=10, max_output=20,
         owner=ApiKeyOwner(api_key_id="ak1", user_id="u1"), account=account,
     )
