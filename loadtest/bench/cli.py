@@ -143,6 +143,9 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         ttfb_p50_ms=raw["ttfb_p50_ms"] or nan, ttfb_p99_ms=raw["ttfb_p99_ms"] or nan,
         gen_cpu_s=raw["gen_cpu_s"], peak_rss_mib=raw["peak_rss_mib"],
         process_cpu_s=raw["process_cpu_s"], error_samples=raw["error_samples"],
+        unfinished=raw["unfinished"],
+        unfinished_older_than_window=raw["unfinished_older_than_window"],
+        oldest_unfinished_s=raw["oldest_unfinished_s"],
     )
     serving = target.serving
     if serving and serving in cell.process_cpu_s and cell.completed:
@@ -153,14 +156,18 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
 def format_cpu(cells: list[Cell]) -> str:
     """Each process's CPU in each cell, as % of one core (the machine may have few cores)."""
     lines = ["CPU % of one core during each cell's window (gen = the load generator;"
-             " gen us/req = its own CPU per request)"]
+             " gen us/req = its own CPU per request); requests unanswered when the window"
+             " closed are not in the percentiles"]
     for c in cells:
         parts = [f"gen {100 * c.gen_cpu_share:5.0f}"]
         parts += [f"{n} {100 * s / c.window_s:5.0f}" for n, s in sorted(c.process_cpu_s.items())]
         total = c.gen_cpu_s + sum(c.process_cpu_s.values())
         lines.append(f"  {c.scenario:>9} c={c.concurrency:<5} {c.target:>8}: "
                      + "  ".join(parts) + f"  | total {100 * total / c.window_s:4.0f}"
-                     f"  | gen us/req {c.gen_us_per_req:6.0f}")
+                     f"  | gen us/req {c.gen_us_per_req:6.0f}"
+                     f"  | unanswered at end {c.unfinished}"
+                     f" (>{c.window_s:.0f}s: {c.unfinished_older_than_window},"
+                     f" oldest {c.oldest_unfinished_s:.1f}s)")
     return "\n".join(lines)
 
 

@@ -65,6 +65,8 @@ class _Tally:
     errors: int = 0
     samples: dict[str, int] = field(default_factory=dict)
     connected: int = 0
+    # Worker id -> when its current request was sent (absent while not in a request).
+    in_flight: dict[int, float] = field(default_factory=dict)
 
     def in_window(self, now: float) -> bool:
         return self.window_start <= now < self.window_end
@@ -178,7 +180,8 @@ async def _exchange(
 
 
 async def _worker(
-    spec: Spec, tally: _Tally, ready: trio.Semaphore, go: trio.Event, connected: trio.Event
+    spec: Spec, tally: _Tally, ready: trio.Semaphore, go: trio.Event, connected: trio.Event,
+    ident: int,
 ) -> None:
     stream: trio.SocketStream | None = None
     async with ready:
@@ -200,7 +203,7 @@ async def _worker(
                 tally.error(f"connect: {exc}", time.perf_counter())
                 await trio.sleep(0.05)
                 continue
-        sent_at = time.perf_counter()
+        sent_at = tally.in_flight[ident] = time.perf_counter()
         close = True
         with trio.move_on_after(spec.timeout_s) as scope:
             try:
@@ -220,6 +223,7 @@ async def _worker(
                 elif tally.in_window(now):
                     tally.latencies.append(now - sent_at)
                     tally.ttfbs.append(ttfb)
+        del tally.in_flight[ident]
         if scope.cancelled_caught:
             tally.error("timeout", time.perf_counter())
         fresh = False
@@ -255,8 +259,8 @@ async def run_load(spec: Spec) -> dict[str, Any]:
         # Open connections at most 50 at a time: a burst of 1000 SYNs overflows a listen
         # backlog of 100 and costs the dropped ones a one-second retransmit.
         ready = trio.Semaphore(50)
-        for _ in range(spec.concurrency):
-            nursery.start_soon(_worker, spec, tally, ready, go, connected)
+        for ident in range(spec.concurrency):
+            nursery.start_soon(_worker, spec, tally, ready, go, connected, ident)
         with trio.move_on_after(30):
             await connected.wait()
         go.set()
@@ -265,8 +269,11 @@ async def run_load(spec: Spec) -> dict[str, Any]:
         cpu0, tally.window_start = _cpu_self(), time.perf_counter()
         tally.window_end = tally.window_start + spec.duration_s
         await trio.sleep_until(trio.current_time() + spec.duration_s)
-        cpu1, window = _cpu_self(), time.perf_counter() - tally.window_start
+        cpu1, now = _cpu_self(), time.perf_counter()
+        window = now - tally.window_start
         after = _sample(spec.watch)
+        # Requests still unanswered at the end are not in the percentiles; show them.
+        pending = sorted(now - sent for sent in tally.in_flight.values())
         nursery.cancel_scope.cancel()
     process_cpu_s = {}
     for name, start in before.items():
@@ -286,6 +293,9 @@ async def run_load(spec: Spec) -> dict[str, Any]:
         "gen_cpu_s": cpu1 - cpu0,
         "process_cpu_s": process_cpu_s,
         "peak_rss_mib": rss / 1024 if rss is not None else None,
+        "unfinished": len(pending),
+        "unfinished_older_than_window": sum(age > window for age in pending),
+        "oldest_unfinished_s": pending[-1] if pending else 0.0,
     }
 
 

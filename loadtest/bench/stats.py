@@ -110,6 +110,10 @@ class Cell:
     # CPU seconds in the window per watched process name ("mock", "gateway", "postgres").
     process_cpu_s: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+    # Requests still unanswered when the window closed (not in the percentiles).
+    unfinished: int = 0
+    unfinished_older_than_window: int = 0
+    oldest_unfinished_s: float = 0.0
 
     @property
     def gen_cpu_share(self) -> float:
