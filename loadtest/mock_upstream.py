@@ -9,7 +9,8 @@ Token accounting is predictable: prompt tokens are whitespace-separated words (m
 and the completion is ``chunk_count`` pieces of ``"tok "``, one token each. The bearer key
 picks a fault mode: ``mock-<mode>`` or ``mock-<mode>-<anything>`` with mode one of
 ``500 429 quota 401 hang cut malformed slow``; any other key is healthy. A request may
-carry ``"mock": {"chunks": n, "ttft_ms": x, "chunk_delay_ms": y}`` to shape its response.
+carry ``"mock": {"chunks": n, "ttft_ms": x, "chunk_delay_ms": y}`` to shape its response
+(and ``"ignore_max_tokens": true`` to overrun the request's token limit).
 
 Must not import ``proxy``, ``workers`` or ``store``: the gateway is reached only over HTTP.
 """
@@ -244,6 +245,8 @@ def _plan(config: MockConfig, body: dict[str, Any], mode: str | None) -> _Plan:
         ttft_s = _SLOW_TTFT_S
     limit_name = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
     limit = _int_field(body, limit_name, chunks, 1)
+    if override.get("ignore_max_tokens") is True:  # an upstream that overruns the limit
+        limit = chunks
     if limit < chunks:
         return _Plan(limit, "length", ttft_s, delay_s)
     return _Plan(chunks, "stop", ttft_s, delay_s)

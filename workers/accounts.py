@@ -187,7 +187,7 @@ class Accounts:
         now = trio.current_time()
         if account.remaining < need or now - account.lease_at > LEASE_TTL.total_seconds() / 2:
             await self._top_up(account, need - max(account.remaining, 0))
-        if account.remaining <= 0:
+        if account.remaining <= reserve:  # not even the prompt, plus one token, fits
             raise QuotaExceeded(
                 "You exceeded your current quota, please check your plan and billing details."
             )

@@ -225,10 +225,17 @@ class KeyActor:
         (the usual case), else re-encoded with the mapped model and usage asked for."""
         upstream_model = self.key.model_map.get(job.public_model, job.public_model)
         wants_usage = job.stream and job.endpoint != "embeddings" and not job.include_usage
-        if upstream_model == job.public_model and not wants_usage and job.raw_body:
+        # A user close to the end of their quota may ask for no more than they have left.
+        capped = job.endpoint != "embeddings" and job.token_budget is not None \
+            and job.token_budget < job.max_output
+        if upstream_model == job.public_model and not wants_usage and not capped \
+                and job.raw_body:
             return job.raw_body
         body = dict(job.body)
         body["model"] = upstream_model
+        if capped:
+            limit = "max_completion_tokens" if "max_completion_tokens" in body else "max_tokens"
+            body[limit] = max(job.token_budget or 0, 1)
         if wants_usage:
             options = dict(body.get("stream_options") or {})
             options["include_usage"] = True

@@ -86,6 +86,21 @@ async def test_quota_and_plan_checks_refuse_before_dispatch(harness: Harness) ->
     assert (await harness.mock_stats())["requests"] == {}
 
 
+async def test_near_the_end_of_quota_the_output_is_limited_to_what_is_left(
+    harness: Harness,
+) -> None:
+    await harness.add_key()
+    user_id, key = await harness.add_user(token_limit=30)
+    client = harness.client(key)
+    reply = await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
+                            messages=CHAT, extra_body={"mock": {"chunks": 500}})
+    assert reply.choices[0].finish_reason == "length"
+    assert reply.usage is not None
+    assert reply.usage.total_tokens <= 30
+    rows = await harness.wait_for_usage(user_id, 1)
+    assert rows[0]["prompt_tokens"] + rows[0]["completion_tokens"] <= 30
+
+
 async def test_stream_is_cut_when_quota_runs_out(harness: Harness) -> None:
     await harness.add_key()
     user_id, key = await harness.add_user(token_limit=30)
@@ -96,7 +111,7 @@ async def test_stream_is_cut_when_quota_runs_out(harness: Harness) -> None:
         try:
             for chunk in client.chat.completions.create(
                 model="deepseek-v4-flash", messages=CHAT, stream=True,
-                extra_body={"mock": {"chunks": 500}},
+                extra_body={"mock": {"chunks": 500, "ignore_max_tokens": True}},
             ):
                 if chunk.choices and chunk.choices[0].delta.content:
                     pieces += 1
@@ -106,9 +121,10 @@ async def test_stream_is_cut_when_quota_runs_out(harness: Harness) -> None:
 
     pieces, error = await in_thread(consume)
     assert error == "insufficient_quota"
-    assert 0 < pieces < 500
+    assert 0 < pieces < 30
     rows = await harness.wait_for_usage(user_id, 1)
-    assert rows[0]["completion_tokens"] < 500
+    # Billed for what was relayed: at most one token past the budget.
+    assert rows[0]["prompt_tokens"] + rows[0]["completion_tokens"] <= 31
 
 
 async def test_shutdown_with_streams_in_flight_loses_no_usage(
