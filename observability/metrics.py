@@ -8,6 +8,7 @@ several gateways in one process do not collide. Imports nothing from the gateway
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -54,6 +55,8 @@ class Metrics:
 
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._by_model: dict[str, tuple[Any, Any, Any, Any]] = {}
+        self._by_route: dict[str, tuple[Any, Any, Any, Any]] = {}
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
         self.snapshots = SnapshotGauges()
@@ -116,6 +119,28 @@ class Metrics:
         self.batch_written = Counter(
             "airgate_usage_records_written", "Usage records written to Postgres", registry=r,
         )
+
+    def by_model(self, model: str) -> tuple[Any, Any, Any, Any]:
+        """(prompt, cached, completion tokens, cost) children for ``model``, cached: the
+        label lookup is a lock and a dict per call, and this runs once per request."""
+        found = self._by_model.get(model)
+        if found is None:
+            tokens = self.tokens
+            found = self._by_model[model] = (
+                tokens.labels(model, "prompt"), tokens.labels(model, "cached"),
+                tokens.labels(model, "completion"), self.cost.labels(model),
+            )
+        return found
+
+    def by_route(self, route: str) -> tuple[Any, Any, Any, Any]:
+        """(latency, ttft, upstream time, overhead) children for ``route``, cached."""
+        found = self._by_route.get(route)
+        if found is None:
+            found = self._by_route[route] = (
+                self.latency.labels(route), self.ttft.labels(route),
+                self.upstream_time.labels(route), self.overhead.labels(route),
+            )
+        return found
 
     def render(self) -> bytes:
         """The registry in Prometheus text exposition format."""

@@ -21,6 +21,7 @@ from proxy.asgi import BodyTooLargeError, ClientGone, Receive, Scope, Send, head
 from proxy.asgi import send_response as send_whole
 from proxy.gateway import Gateway
 from proxy.v1_request import ROUTES, parse_request
+from store.errors import StoreError
 from workers.dispatch import Reply, Request
 from workers.errors import (
     AuthenticationFailed,
@@ -28,6 +29,7 @@ from workers.errors import (
     GatewayError,
     InvalidRequest,
     NotFound,
+    Unavailable,
     openai_error_body,
 )
 from workers.pricing import micro_to_price
@@ -42,6 +44,7 @@ _SSE_HEADERS = [
 _PING = b": ping\n\n"
 _DISCONNECTED = 499  # nginx's "client closed request", recorded in usage
 access = logging.getLogger("airgate.access")
+log = logging.getLogger("airgate.v1")
 
 
 class V1App:
@@ -75,6 +78,11 @@ class V1App:
             await send_error(send, err, rid)
         except ClientGone:
             status = _DISCONNECTED
+        except StoreError as exc:  # the database failed before anything was dispatched
+            log.warning("request %s refused: database error %s", request_id, exc)
+            status = 503
+            await send_error(send, Unavailable("Service temporarily unavailable; retry.",
+                                               retry_after_s=1.0), rid)
         if self._access_log:
             access.info("request", extra={
                 "request_id": request_id, "method": scope["method"], "path": path,
@@ -130,7 +138,7 @@ class V1App:
                 await gw.dispatcher.finish(req, prompt, reply, status)
             elapsed = trio.current_time() - req.started_at
             gw.metrics.requests.labels(route, req.model, f"{status // 100}xx").inc()
-            gw.metrics.latency.labels(route).observe(elapsed)
+            gw.metrics.by_route(req.endpoint)[0].observe(elapsed)
         return status
 
     async def _relay(

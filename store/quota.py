@@ -23,20 +23,26 @@ async def acquire_lease(
 
     Returns ``(granted, reset)``: ``reset`` when the holder's earlier lease had lapsed and
     no longer counts (the grant replaces it rather than adding to it).
+
+    Grants for one user are serialised by a transaction-scoped advisory lock, and what is
+    free is read in one statement (one snapshot: a usage flush that moves tokens from a
+    lease into ``token_used`` is seen entirely or not at all). The user row itself is not
+    locked, so a grant never waits on (or deadlocks with) a usage flush.
     """
     async with db.transaction() as conn:
-        free = await conn.fetchval(
-            "SELECT token_limit - token_used FROM users WHERE id = $1 FOR UPDATE", user_id)
-        if free is None:
-            return 0, False
+        await conn.execute("SELECT pg_advisory_xact_lock(hashtext('quota:' || $1))", user_id)
         row = await conn.fetchrow(
-            "SELECT coalesce(sum(tokens), 0) AS leased,"
-            " bool_or(holder = $2) AS mine FROM quota_leases WHERE user_id = $1"
-            " AND renewed_at > now() - $3::interval",
+            "SELECT u.token_limit - u.token_used - coalesce(l.leased, 0) AS available,"
+            " coalesce(l.mine, false) AS mine"
+            " FROM users u LEFT JOIN LATERAL ("
+            "   SELECT sum(tokens) AS leased, bool_or(holder = $2) AS mine"
+            "   FROM quota_leases WHERE user_id = u.id AND renewed_at > now() - $3::interval"
+            " ) l ON true WHERE u.id = $1",
             user_id, holder, LEASE_TTL,
         )
-        assert row is not None
-        available = int(free) - int(row["leased"])
+        if row is None:
+            return 0, False
+        available = int(row["available"])
         grant = max(0, min(available, max(need, min(available // 4, cap))))
         await conn.execute(
             "INSERT INTO quota_leases (user_id, holder, tokens) VALUES ($1, $2, $3)"

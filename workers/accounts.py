@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 
@@ -35,6 +35,7 @@ from workers.errors import (
     PlanExpired,
     QuotaExceeded,
     RateLimited,
+    Unavailable,
 )
 
 _NEGATIVE_TTL_S = 5.0
@@ -55,6 +56,7 @@ class Account:
     lease_left: int = 0  # tokens this process may still spend
     lease_at: float = -math.inf  # trio time of the last grant (renewal)
     active_at: float = -math.inf  # trio time of the last request
+    topping_up: trio.Lock = field(default_factory=trio.Lock)
 
     @property
     def remaining(self) -> int:
@@ -185,8 +187,10 @@ class Accounts:
         if account.allowed_groups is not None and model_group not in account.allowed_groups:
             raise PermissionDenied("Your plan does not include this model.")
         now = trio.current_time()
-        if account.remaining < need or now - account.lease_at > LEASE_TTL.total_seconds() / 2:
-            await self._top_up(account, need - max(account.remaining, 0))
+        if self._short(account, need, now):
+            async with account.topping_up:  # one grant request per user at a time
+                if self._short(account, need, trio.current_time()):
+                    await self._top_up(account, need - max(account.remaining, 0))
         if account.remaining <= reserve:  # not even the prompt, plus one token, fits
             raise QuotaExceeded(
                 "You exceeded your current quota, please check your plan and billing details."
@@ -201,9 +205,20 @@ class Accounts:
         account.active_at = now
         return budget
 
+    @staticmethod
+    def _short(account: Account, need: int, now: float) -> bool:
+        stale = now - account.lease_at > LEASE_TTL.total_seconds() / 2
+        return account.remaining < need or stale
+
     async def _top_up(self, account: Account, want: int) -> None:
-        grant, reset = await acquire_lease(self._db, account.user_id, self.holder,
-                                           max(want, 1), self._lease_cap)
+        try:
+            grant, reset = await acquire_lease(self._db, account.user_id, self.holder,
+                                               max(want, 1), self._lease_cap)
+        except StoreError as exc:
+            if account.remaining > 0:
+                return  # keep serving from what is left; try again on the next request
+            raise Unavailable("Quota could not be checked; retry shortly.",
+                              retry_after_s=1.0) from exc
         account.lease_left = grant if reset else account.lease_left + grant
         account.lease_at = trio.current_time()
 

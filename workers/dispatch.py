@@ -37,6 +37,7 @@ from workers.pricing import Prices, cost_micro
 from workers.tokens import Usage
 
 _REPLY_BUFFER = 8
+_FREE = Prices(0, 0, 0)
 log = logging.getLogger("airgate.dispatch")
 
 
@@ -197,7 +198,7 @@ class Dispatcher:
             job.abort()  # a no-op when the stream already ended
         usage, source = _usage_of(req, job)
         self._accounts.settle(req.account, reserved, usage.total)
-        prices = self._catalog.prices.get(req.model, Prices(0, 0, 0))
+        prices = self._catalog.prices.get(req.model, _FREE)
         cost = cost_micro(prices, usage.prompt_tokens, usage.cached_tokens,
                           usage.completion_tokens)
         now = trio.current_time()
@@ -215,19 +216,19 @@ class Dispatcher:
             status=status, usage_source=source,
             created_at=datetime.now(UTC) - timedelta(seconds=now - req.started_at),
         )
-        metrics = self._metrics
-        route = req.endpoint
+        _, ttft_h, upstream_h, overhead_h = self._metrics.by_route(req.endpoint)
         if ttft is not None:
-            metrics.ttft.labels(route).observe(ttft / 1000)
+            ttft_h.observe(ttft / 1000)
         if job is not None and job.upstream_started_at is not None:
             upstream = (job.upstream_ended_at or now) - job.upstream_started_at
-            metrics.upstream_time.labels(route).observe(upstream)
-            metrics.overhead.labels(route).observe(max(now - req.started_at - upstream, 0.0))
+            upstream_h.observe(upstream)
+            overhead_h.observe(max(now - req.started_at - upstream, 0.0))
         if usage.total:
-            self._metrics.tokens.labels(req.model, "prompt").inc(usage.prompt_tokens)
-            self._metrics.tokens.labels(req.model, "cached").inc(usage.cached_tokens)
-            self._metrics.tokens.labels(req.model, "completion").inc(usage.completion_tokens)
-            self._metrics.cost.labels(req.model).inc(cost)
+            prompt_c, cached_c, completion_c, cost_c = self._metrics.by_model(req.model)
+            prompt_c.inc(usage.prompt_tokens)
+            cached_c.inc(usage.cached_tokens)
+            completion_c.inc(usage.completion_tokens)
+            cost_c.inc(cost)
         try:
             try:
                 self._usage.send_nowait(record)

@@ -118,6 +118,15 @@ class NoCapacity(GatewayError):
     retryable = True
 
 
+class Unavailable(GatewayError):
+    """A dependency (the database) failed; nothing was charged. Retry."""
+
+    status = 503
+    type = "server_error"
+    code = "service_unavailable"
+    retryable = True
+
+
 class Overloaded(RateLimited):
     """The gateway sheds load instead of queueing for seconds."""
 

@@ -49,3 +49,25 @@ async def test_concurrent_grants_never_oversubscribe(db: Database) -> None:
             nursery.start_soon(grab, f"h{i}")
     assert sum(grants) == 1000
     assert await db.fetchval("SELECT sum(tokens) FROM quota_leases") == 1000
+
+
+async def test_grants_and_usage_flushes_run_together_without_deadlock(db: Database) -> None:
+    user = await _user(db, 10**9)
+    granted: list[int] = []
+
+    async def grant(holder: str) -> None:
+        for _ in range(10):
+            granted.append((await acquire_lease(db, user, holder, need=1000, cap=5000))[0])
+
+    async def flush(holder: str, start: int) -> None:
+        for i in range(10):
+            await write_usage(db, [_record(user, f"{holder}-{start + i}", 7)], holder)
+
+    async with trio.open_nursery() as nursery:
+        for h in range(6):
+            nursery.start_soon(grant, f"h{h}")
+            nursery.start_soon(flush, f"h{h}", 0)
+    used = await db.fetchval("SELECT token_used FROM users WHERE id = $1", user)
+    assert used == 6 * 10 * 7
+    leased = await db.fetchval("SELECT sum(tokens) FROM quota_leases WHERE user_id = $1", user)
+    assert leased <= sum(granted)
