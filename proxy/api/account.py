@@ -4,15 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from quart import Blueprint, request
+from quart import Blueprint
 
 from proxy.api.auth import check_password_shape
-from proxy.api.common import Unauthorized, current_user, gateway, json_body, text
+from proxy.api.common import Unauthorized, current_user, gateway, json_body, page_args, text
 from proxy.api.views import cny, epoch, me_view, order_view
 from store.orders import list_orders
 from store.usage_queries import usage_log
 from store.users import set_password
-from workers.errors import InvalidRequest
 from workers.passwords import hash_password, verify_password
 from workers.pricing import micro_to_price
 
@@ -49,17 +48,6 @@ async def usage_stats() -> dict[str, Any]:
     }
 
 
-def _page_args() -> tuple[int, int]:
-    try:
-        page = int(request.args.get("page", "1"))
-        limit = int(request.args.get("limit", "50"))
-    except ValueError:
-        raise InvalidRequest("'page' and 'limit' must be integers.") from None
-    if page < 1 or not 1 <= limit <= 500:
-        raise InvalidRequest("'page' must be >= 1 and 'limit' within 1..500.")
-    return page, limit
-
-
 def log_view(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["request_id"], "time": epoch(row["created_at"]), "model": row["model"],
@@ -74,7 +62,7 @@ def log_view(row: dict[str, Any]) -> dict[str, Any]:
 @bp.get("/usage/log")
 async def usage_log_route() -> dict[str, Any]:
     user = await current_user()
-    page, limit = _page_args()
+    page, limit = page_args()
     rows, total = await usage_log(gateway().db, user.id, offset=(page - 1) * limit,
                                   limit=limit)
     return {"logs": [log_view(r) for r in rows], "page": page, "limit": limit,

@@ -64,6 +64,19 @@ def _price(body: dict[str, Any], name: str) -> int:
     return micro
 
 
+async def _upsert_body(ident: str | None) -> tuple[dict[str, Any], str]:
+    """The admin's body for a create-or-replace (the id from the path wins) and its
+    validated ``status``."""
+    await current_admin()
+    body = await json_body()
+    if ident is not None:
+        body["id"] = ident
+    status = body.get("status", "active")
+    if status not in ("active", "disabled"):
+        raise InvalidRequest("'status' must be 'active' or 'disabled'.", param="status")
+    return body, status
+
+
 # -- models ---------------------------------------------------------------------------
 
 
@@ -83,14 +96,8 @@ async def models() -> dict[str, Any]:
 @bp.route("/models", methods=["POST"])
 @bp.route("/models/<model_id>", methods=["PUT"])
 async def put_model(model_id: str | None = None) -> tuple[dict[str, Any], int]:
-    await current_admin()
-    body = await json_body()
-    if model_id is not None:
-        body["id"] = model_id
-    status = body.get("status", "active")
-    if status not in ("active", "disabled"):
-        raise InvalidRequest("'status' must be 'active' or 'disabled'.", param="status")
-    values = {
+    body, status = await _upsert_body(model_id)
+    values: dict[str, Any] = {
         "id": _id(body, "id"), "display_name": text(body, "display_name")[:200],
         "model_group": (field(body, "group", str, required=False) or "")[:100],
         "owned_by": (field(body, "owned_by", str, required=False) or "")[:100],
@@ -131,13 +138,7 @@ async def plans() -> dict[str, Any]:
 @bp.route("/plans", methods=["POST"])
 @bp.route("/plans/<plan_id>", methods=["PUT"])
 async def put_plan(plan_id: str | None = None) -> tuple[dict[str, Any], int]:
-    await current_admin()
-    body = await json_body()
-    if plan_id is not None:
-        body["id"] = plan_id
-    status = body.get("status", "active")
-    if status not in ("active", "disabled"):
-        raise InvalidRequest("'status' must be 'active' or 'disabled'.", param="status")
+    body, status = await _upsert_body(plan_id)
     if "price_fen" in body:
         price_fen = _int(body, "price_fen", 0, _INT62)
     else:

@@ -7,7 +7,7 @@ from typing import Any
 
 from quart import Blueprint, request
 
-from proxy.api.common import current_admin, field, gateway, json_body, storable
+from proxy.api.common import current_admin, field, gateway, json_body, page_args, storable
 from proxy.api.views import epoch
 from store.admin_queries import search_users, totals
 from store.ledger import Entry, InsufficientFunds, apply_entry
@@ -46,13 +46,7 @@ async def stats() -> dict[str, Any]:
 @bp.get("/users")
 async def users() -> dict[str, Any]:
     await current_admin()
-    try:
-        page = int(request.args.get("page", "1"))
-        limit = int(request.args.get("limit", "50"))
-    except ValueError:
-        raise InvalidRequest("'page' and 'limit' must be integers.") from None
-    if page < 1 or not 1 <= limit <= 500:
-        raise InvalidRequest("'page' must be >= 1 and 'limit' within 1..500.")
+    page, limit = page_args()
     query = request.args.get("search") or request.args.get("q")
     if query is not None and (not storable(query) or len(query) > 320):
         raise InvalidRequest("'search' must be a short text without NUL.", param="search")

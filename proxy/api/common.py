@@ -56,6 +56,18 @@ def field(body: dict[str, Any], name: str, kind: type[T], *, required: bool = Tr
     return value
 
 
+def page_args() -> tuple[int, int]:
+    """``page`` (from 1) and ``limit`` (1..500) from the query string."""
+    try:
+        page = int(request.args.get("page", "1"))
+        limit = int(request.args.get("limit", "50"))
+    except ValueError:
+        raise InvalidRequest("'page' and 'limit' must be integers.") from None
+    if page < 1 or not 1 <= limit <= 500:
+        raise InvalidRequest("'page' must be >= 1 and 'limit' within 1..500.")
+    return page, limit
+
+
 def storable(value: str) -> bool:
     """Whether Postgres can store ``value`` as text: no NUL, no lone surrogate (which a
     JSON body may carry as an escape). Either would fail in the driver, as a 500."""
