@@ -98,6 +98,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized smoke run: concurrency 1,10, 1 s cells")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
+    parser.add_argument("--gateway-workers", type=int, default=1,
+                        help="run the gateway as `serve --workers N`")
     args = parser.parse_args(argv)
     if args.quick:
         args.concurrency, args.duration_s, args.warmup_s = "1,10", 1.0, 0.3
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> None:
                 targets.append(Target("relay", "127.0.0.1", relay.port, "/v1", None, MODEL,
                                       {"relay": relay.pid, "mock": mock.pid}, "relay"))
             elif name == "gateway":
-                gateway = start_gateway(workdir, mock.url)
+                gateway = start_gateway(workdir, mock.url, args.gateway_workers)
                 stack.callback(shutil.rmtree, gateway.data_dir, True)
                 stack.callback(gateway.stop)
                 watch = {"gateway": gateway.server.pid, "mock": mock.pid}

@@ -139,8 +139,11 @@ def reachable_tmp_dir(prefix: str) -> Path:
     return path
 
 
-def start_gateway(workdir: Path, mock_url: str) -> Gateway:
-    """``python -m proxy.cli serve`` with its own embedded Postgres, provisioned over HTTP."""
+def start_gateway(workdir: Path, mock_url: str, workers: int = 1) -> Gateway:
+    """``python -m proxy.cli serve`` with its own embedded Postgres, provisioned over HTTP.
+
+    With ``workers`` > 1 the measured pid is the supervisor's: its CPU and RSS figures
+    then leave out the worker processes (requests/s and latencies are unaffected)."""
     port = free_port()
     data_dir = reachable_tmp_dir("airgate-bench-db-")
     admin = {"email": "bench-admin@airgate.local", "password": secrets.token_hex(12)}
@@ -150,7 +153,7 @@ def start_gateway(workdir: Path, mock_url: str) -> Gateway:
     server = start_server(
         "gateway",
         ["-m", "proxy.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
-         "--data-dir", str(data_dir)],
+         "--data-dir", str(data_dir), "--workers", str(workers)],
         port, workdir, env=env, timeout_s=120,
     )
     gateway = Gateway(server, data_dir, admin=admin)
