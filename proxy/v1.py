@@ -157,11 +157,15 @@ class V1App:
         ping_s = self._ping_s
         while True:
             chunk: bytes | None = None
-            with trio.move_on_after(ping_s) as idle:
-                chunk = await reply.next_chunk()
-            if idle.cancelled_caught:
-                await send({"type": "http.response.body", "body": _PING, "more_body": True})
-                continue
+            try:
+                chunk = reply.next_chunk_nowait()
+            except trio.WouldBlock:
+                with trio.move_on_after(ping_s) as idle:
+                    chunk = await reply.next_chunk()
+                if idle.cancelled_caught:
+                    await send({"type": "http.response.body", "body": _PING,
+                                "more_body": True})
+                    continue
             if chunk is None:
                 break
             await send({"type": "http.response.body", "body": chunk, "more_body": True})

@@ -74,6 +74,18 @@ class Reply:
             if isinstance(event, bytes):
                 yield event
 
+    def next_chunk_nowait(self) -> bytes | None:
+        """The next body bytes if already here (``trio.WouldBlock`` if not); None at the end.
+
+        Lets the relay skip arming its idle timer when the stream is flowing."""
+        while True:
+            try:
+                event = self._receive.receive_nowait()
+            except trio.EndOfChannel:
+                return None
+            if isinstance(event, bytes):
+                return event
+
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end."""
         while True:
