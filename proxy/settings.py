@@ -52,6 +52,7 @@ class Settings:
     ping_interval_s: float = 15.0
     max_attempts: int = 3
     dispatch_wait_s: float = 2.0
+    max_waiting_requests: int = 512  # waiting for a first upstream byte; more get 429
     actor_inbox_size: int = 64
     flush_interval_s: float = 1.0
     flush_batch_size: int = 500
@@ -75,7 +76,8 @@ class Settings:
         positive = (
             "db_pool_size", "jwt_ttl_s", "max_body_bytes", "connect_timeout_s",
             "first_byte_timeout_s", "idle_timeout_s", "ping_interval_s", "max_attempts",
-            "dispatch_wait_s", "actor_inbox_size", "flush_interval_s", "flush_batch_size",
+            "dispatch_wait_s", "max_waiting_requests", "actor_inbox_size",
+            "flush_interval_s", "flush_batch_size",
             "upstream_max_connections", "order_ttl_s", "reconcile_interval_s",
             "login_failures_per_account", "login_failures_per_ip",
         )

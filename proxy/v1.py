@@ -53,6 +53,8 @@ class V1App:
         self._ping_s = gateway.settings.ping_interval_s
         self._limit = gateway.settings.max_body_bytes
         self._access_log = gateway.settings.access_log
+        self._max_waiting = gateway.settings.max_waiting_requests
+        self._waiting = 0  # requests admitted and not yet answered by an upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         request_id = "req_" + secrets.token_hex(12)
@@ -103,8 +105,18 @@ class V1App:
         endpoint, upstream_path = ROUTES[route]
         parsed = parse_request(raw, endpoint)
         prompt = estimate_prompt_tokens(parsed.body, endpoint)
-        budget = await gw.dispatcher.admit(parsed.model, account, prompt,
-                                           prompt + parsed.max_output)
+        # Load shedding: past this many requests waiting for their first upstream byte,
+        # answer 429 at once rather than queue for seconds.
+        if self._waiting >= self._max_waiting:
+            raise gw.dispatcher.overloaded()
+        self._waiting += 1
+        waiting = [True]
+        try:
+            budget = await gw.dispatcher.admit(parsed.model, account, prompt,
+                                               prompt + parsed.max_output)
+        except BaseException:
+            self._stop_waiting(waiting)
+            raise
         req = Request(
             request_id=request_id, endpoint=endpoint, upstream_path=upstream_path,
             body=parsed.body, raw_body=raw, model=parsed.model, stream=parsed.stream,
@@ -120,7 +132,10 @@ class V1App:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(_watch_disconnect, receive, scope_guard)
                     try:
-                        reply = await gw.dispatcher.open(req, max(budget - prompt, 0))
+                        try:
+                            reply = await gw.dispatcher.open(req, max(budget - prompt, 0))
+                        finally:
+                            self._stop_waiting(waiting)
                     except GatewayError as err:
                         status = err.status
                         reply_done[0] = True
@@ -133,6 +148,7 @@ class V1App:
             if scope_guard.cancelled_caught and not reply_done[0]:
                 status = _DISCONNECTED
         finally:
+            self._stop_waiting(waiting)
             gw.metrics.active_streams.dec()
             with trio.CancelScope(shield=True):
                 await gw.dispatcher.finish(req, prompt, reply, status)
@@ -140,6 +156,11 @@ class V1App:
             gw.metrics.requests.labels(route, req.model, f"{status // 100}xx").inc()
             gw.metrics.by_route(req.endpoint)[0].observe(elapsed)
         return status
+
+    def _stop_waiting(self, waiting: list[bool]) -> None:
+        if waiting[0]:
+            waiting[0] = False
+            self._waiting -= 1
 
     async def _relay(
         self, send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool]

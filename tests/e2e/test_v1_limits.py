@@ -71,3 +71,38 @@ async def test_idle_stream_gets_ping_comments_before_the_first_token(
     h.stop.set()
     with trio.fail_after(20):
         await done.wait()
+
+
+async def test_past_the_waiting_limit_requests_are_shed_at_once(
+    nursery: trio.Nursery, pg_dsn: str, mock_url: str
+) -> None:
+    h, done = await start_gateway(
+        nursery, gateway_settings(pg_dsn, max_waiting_requests=2), mock_url)
+    await h.add_key()
+    user_id, key = await h.add_user()
+    body = {"model": "deepseek-v4-flash", "messages": CHAT, "mock": {"ttft_ms": 300}}
+    statuses: list[int] = []
+    retry_after: list[str] = []
+
+    async def call() -> None:
+        async with httpx.AsyncClient(timeout=10) as client:
+            response = await client.post(h.base_url + "/v1/chat/completions", json=body,
+                                         headers={"authorization": f"Bearer {key}"})
+        statuses.append(response.status_code)
+        if response.status_code == 429:
+            assert response.json()["error"]["code"] == "gateway_overloaded"
+            retry_after.append(response.headers["retry-after"])
+
+    async with trio.open_nursery() as clients:
+        for _ in range(6):
+            clients.start_soon(call)
+    assert statuses.count(200) >= 2
+    assert statuses.count(429) >= 1
+    assert set(statuses) == {200, 429}
+    assert all(int(r) >= 1 for r in retry_after)
+    # Shed requests are not billed; served ones are, once each.
+    rows = await h.wait_for_usage(user_id, statuses.count(200))
+    assert len(rows) == statuses.count(200)
+    h.stop.set()
+    with trio.fail_after(20):
+        await done.wait()
