@@ -188,3 +188,25 @@ async def test_the_reconciler_settles_a_payment_whose_notification_was_lost(
     statuses = dict(await harness.gw.db.fetch("SELECT id, status FROM orders"))
     assert statuses == {order_id: "paid", stale_id: "expired"}
     assert sandbox.order_state(stale_id) == "CLOSED"
+
+
+async def test_qrcode_and_order_lookups_refuse_what_is_not_yours(harness: Harness) -> None:
+    async with httpx.AsyncClient(base_url=harness.base_url, timeout=20) as api:
+        _, alice = await register(api, "qa@airgate.test")
+        _, bob = await register(api, "qb@airgate.test")
+        order_id = await buy(api, alice)
+        missing = await api.get("/api/payment/qrcode", headers=bearer(alice))
+        foreign = await api.get("/api/payment/qrcode", headers=bearer(bob),
+                                params={"orderId": order_id})
+        unknown = await api.get("/api/payment/qrcode", headers=bearer(alice),
+                                params={"orderId": "ord_nope"})
+        anonymous = await api.get("/api/payment/qrcode", params={"orderId": order_id})
+        mine = await api.get(f"/api/orders/{order_id}", headers=bearer(alice))
+        theirs = await api.get(f"/api/orders/{order_id}", headers=bearer(bob))
+    assert missing.status_code == 400
+    assert (foreign.status_code, unknown.status_code, anonymous.status_code) == (404, 404, 401)
+    assert mine.status_code == 200
+    assert mine.json()["order"]["status"] == "pending"
+    assert theirs.status_code == 404
+    for response in (missing, foreign, unknown, anonymous, theirs):
+        assert set(response.json()["error"]) == {"message", "code"}
