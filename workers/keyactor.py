@@ -22,7 +22,7 @@ import trio
 
 from observability.metrics import Metrics
 from store.upstream_keys import UpstreamKey
-from workers.bucket import TokenBucket
+from workers.bucket import WindowLimits
 from workers.failure import Failure, FailureClass, classify, parse_retry_after
 from workers.health import HealthState, KeyHealth
 from workers.job import Failed, Job, Started
@@ -67,8 +67,9 @@ class KeyActor:
         tpm = _share(key.tpm, share)
         self.concurrency = _share(key.max_concurrency, share) or 0
         self.usable = rpm != 0 and tpm != 0 and self.concurrency > 0
-        self.rpm = TokenBucket(rpm, rpm / 60.0, now) if rpm else None
-        self.tpm = TokenBucket(tpm, tpm / 60.0, now) if tpm else None
+        self.limits = WindowLimits(rpm or None, tpm or None, now)
+        self.rpm = self.limits.requests  # read by the router and the metrics
+        self.tpm = self.limits.tokens
         self.inbox_size = inbox_size
         self._send, self._receive = trio.open_memory_channel[Job](inbox_size)
         self.queued = 0
@@ -151,10 +152,11 @@ class KeyActor:
             if not self.health.available(now):
                 await self._refuse(job, FailureClass.TRANSIENT, "key is not available")
                 return
+            reserved = self._reservation(job)
             admitted = False
             with trio.CancelScope() as waiting:
                 job.attach(waiting)  # abort() must also end a wait for the buckets
-                admitted = await self._admit(job)
+                admitted = await self._admit(job, reserved)
             if job.aborted:  # nothing was taken: the buckets are taken without a checkpoint
                 return
             if not admitted:
@@ -162,12 +164,11 @@ class KeyActor:
                 return
             now = trio.current_time()
             if not self.health.available(now):  # another request's result arrived meanwhile
-                self._settle(job, job.prompt_estimate + job.max_output, used=0)
+                self.limits.cancel(reserved, now)
                 await self._refuse(job, FailureClass.TRANSIENT, "key is not available")
                 return
             self.health.begin(now)
             self.inflight += 1
-            reserved = job.prompt_estimate + job.max_output
             failure: Failure | None = None
             try:
                 with trio.CancelScope() as scope:
@@ -178,41 +179,31 @@ class KeyActor:
                 self._settle(job, reserved)
             self._record(job, failure)
 
-    async def _admit(self, job: Job) -> bool:
+    def _reservation(self, job: Job) -> int:
+        """Tokens held against tpm while the job runs; never more than the bucket holds
+        (a job bigger than the whole tpm would otherwise wait forever)."""
+        tokens = job.prompt_estimate + job.max_output
+        return tokens if self.tpm is None else min(tokens, int(self.tpm.capacity))
+
+    async def _admit(self, job: Job, reserved: int) -> bool:
         """Take one request from rpm and the reservation from tpm, waiting a little."""
         while True:
             now = trio.current_time()
-            tokens = min(job.prompt_estimate + job.max_output, self.tpm.capacity) \
-                if self.tpm is not None else 0
-            wait = 0.0
-            if self.rpm is not None:
-                wait = self.rpm.delay_until(1, now)
-            if self.tpm is not None:
-                wait = max(wait, self.tpm.delay_until(tokens, now))
-            if wait <= 0:
-                if self.rpm is not None:
-                    self.rpm.try_take(1, now)
-                if self.tpm is not None:
-                    self.tpm.try_take(tokens, now)
+            if self.limits.try_acquire(reserved, now):
                 return True
+            wait = self.limits.delay_until(reserved, now)
             if math.isinf(wait) or now + wait > job.deadline or job.aborted:
                 return False
             await trio.sleep(wait)
 
-    def _settle(self, job: Job, reserved: int, used: int | None = None) -> None:
-        """Return the unused part of the tpm reservation, or take the overrun as debt."""
-        if self.tpm is None:
-            return
-        now = trio.current_time()
-        reserved = min(reserved, int(self.tpm.capacity))
-        if used is None:
-            used = job.usage.total if job.usage is not None else \
-                job.prompt_estimate + (job.counter.completion_tokens_estimate
-                                    or job.whole_completion_estimate)
-        if used < reserved:
-            self.tpm.give_back(reserved - used, now)
-        elif used > reserved:
-            self.tpm.take_debt(used - reserved, now)
+    def _settle(self, job: Job, reserved: int) -> None:
+        """Replace the tpm reservation by the real usage (refund, or debt on overrun)."""
+        if job.usage is not None:
+            used = job.usage.total
+        else:
+            used = job.prompt_estimate + (job.counter.completion_tokens_estimate
+                                          or job.whole_completion_estimate)
+        self.limits.settle(reserved, used, trio.current_time())
 
     async def _refuse(self, job: Job, kind: FailureClass, message: str) -> None:
         failure = Failure(kind=kind, retry_after_s=self.retry_after(trio.current_time()),
