@@ -85,7 +85,7 @@ class V1App:
             status = 503
             await send_error(send, Unavailable("Service temporarily unavailable; retry.",
                                                retry_after_s=1.0), rid)
-        if self._access_log:
+        if self._access_log and access.isEnabledFor(logging.INFO):
             access.info("request", extra={
                 "request_id": request_id, "method": scope["method"], "path": path,
                 "status": status,
@@ -126,7 +126,8 @@ class V1App:
         reply: Reply | None = None
         status = 500
         reply_done = [False]
-        gw.metrics.active_streams.inc()
+        if req.stream:
+            gw.metrics.active_streams.inc()
         try:
             with trio.CancelScope() as scope_guard:
                 async with trio.open_nursery() as nursery:
@@ -149,7 +150,8 @@ class V1App:
                 status = _DISCONNECTED
         finally:
             self._stop_waiting(waiting)
-            gw.metrics.active_streams.dec()
+            if req.stream:
+                gw.metrics.active_streams.dec()
             with trio.CancelScope(shield=True):
                 await gw.dispatcher.finish(req, prompt, reply, status)
             elapsed = trio.current_time() - req.started_at

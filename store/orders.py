@@ -15,7 +15,7 @@ from typing import Any
 
 from store.db import Connection, Database
 from store.ids import new_id
-from store.ledger import Entry, InsufficientFunds, apply_entry
+from store.ledger import Entry, apply_entry
 from store.plans import Plan, activate_plan
 
 
@@ -42,10 +42,6 @@ _COLUMNS = (
 
 def _order(row: Mapping[str, Any] | None) -> Order | None:
     return None if row is None else Order(**dict(row))
-
-
-class OrderNotPayable(Exception):
-    """The order is not in a state in which it can be paid or cancelled."""
 
 
 async def create_order(
@@ -177,5 +173,3 @@ async def pay_with_balance(db: Database, user_id: str, plan: Plan) -> Order:
         await _grant(conn, order, plan, kind="balance_payment", delta_balance=-plan.price_fen)
         return order
 
-
-__all__ = ["Fulfilment", "InsufficientFunds", "Order", "OrderNotPayable"]

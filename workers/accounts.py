@@ -118,18 +118,17 @@ class Accounts:
             account = await self._load(user_id)
         return account
 
-    async def reload(self, user_id: str, *, reset_used: bool = False) -> None:
+    async def reload(self, user_id: str) -> None:
         """Re-read a user's limits after an admin, payment or coupon change.
 
-        The in-memory ``token_used`` is kept (it includes usage not yet flushed) unless
-        ``reset_used``, when the database's value is taken.
+        The in-memory ``token_used`` is kept when larger (it includes usage not yet
+        flushed).
         """
         old = self._users.get(user_id)
         if old is None:
             return
         new = await self._load(user_id)
-        if not reset_used:
-            new.token_used = max(new.token_used, old.token_used)
+        new.token_used = max(new.token_used, old.token_used)
         new.reserved = old.reserved
         new.lease_at, new.active_at = old.lease_at, old.active_at
         # The limit may have been lowered: give the unspent lease back, so the next
