@@ -94,6 +94,24 @@ class Harness:
             return data
 
 
+def bearer(token: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {token}"}
+
+
+def assert_api_error(response: httpx.Response, status: int) -> dict[str, Any]:
+    """``response`` is the /api error shape with ``status``; returns the error object."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "code"}
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    assert isinstance(error["code"], str)
+    assert error["code"]
+    assert "Traceback" not in response.text
+    return dict(error)
+
+
 async def eventually(check: Callable[[], Awaitable[bool]], timeout_s: float = 10.0) -> None:
     """Wait until ``check()`` holds: state that lives in another server, read by polling."""
     with trio.fail_after(timeout_s):

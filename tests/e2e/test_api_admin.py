@@ -14,25 +14,21 @@ import pytest
 import trio
 
 from store.users import set_status
-from tests.e2e.conftest import ADMIN_EMAIL, ADMIN_PASSWORD, MODELS, Harness, eventually
+from tests.e2e.conftest import (
+    ADMIN_EMAIL,
+    ADMIN_PASSWORD,
+    MODELS,
+    Harness,
+    assert_api_error,
+    bearer,
+    eventually,
+)
 
 SECRET = "mock-healthy-0123456789-very-secret"
 KEYS = "/api/admin/upstream-keys"
 CHAT = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi there"}]}
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
-
-
-def assert_api_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "code"}
-    assert error["message"]
-    assert error["code"]
-    return dict(error)
 
 
 class Admin:

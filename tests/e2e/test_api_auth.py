@@ -12,28 +12,12 @@ import pytest
 
 from proxy.sessions import issue_token
 from store.users import get_user_by_email, set_password, set_status
-from tests.e2e.conftest import Harness
+from tests.e2e.conftest import Harness, assert_api_error, bearer
 
 PASSWORD = "correct-horse-1"
 CHAT = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi there"}]}
 
 
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
-
-
-def assert_api_error(response: httpx.Response, status: int) -> dict[str, Any]:
-    """``response`` is the /api error shape with ``status``; returns the error object."""
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "code"}
-    assert isinstance(error["message"], str)
-    assert error["message"]
-    assert isinstance(error["code"], str)
-    assert error["code"]
-    assert "Traceback" not in response.text
-    return dict(error)
 
 
 async def register(

@@ -16,7 +16,7 @@ import pytest
 
 from proxy.app import build_quart
 from store.upstream_keys import update_upstream_key
-from tests.e2e.conftest import Harness
+from tests.e2e.conftest import Harness, bearer
 
 PROTECTED_PREFIXES = ("/api/admin/", "/api/export/")
 PUBLIC = {"/api/admin/login"}
@@ -24,9 +24,6 @@ PUBLIC = {"/api/admin/login"}
 OWN_DATA = {"/api/export/self"}
 _PARAM = re.compile(r"<(?:[^:<>]+:)?([^<>]+)>")
 
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
 
 
 def assert_json_error(response: httpx.Response, status: int) -> dict[str, Any]:

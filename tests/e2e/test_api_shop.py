@@ -11,7 +11,7 @@ import trio
 from store.coupons import create_coupon
 from store.db import Database
 from store.ledger import Entry, apply_entry, ledger_totals
-from tests.e2e.conftest import Harness
+from tests.e2e.conftest import Harness, bearer
 
 
 async def register(api: httpx.AsyncClient, email: str, **extra: Any) -> tuple[str, str]:
@@ -21,9 +21,6 @@ async def register(api: httpx.AsyncClient, email: str, **extra: Any) -> tuple[st
     data = response.json()
     return data["user"]["id"], data["token"]
 
-
-def bearer(token: str) -> dict[str, str]:
-    return {"authorization": f"Bearer {token}"}
 
 
 async def grant_balance(db: Database, user_id: str, fen: int, key: str) -> None:
