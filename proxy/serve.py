@@ -43,7 +43,7 @@ from workers.payments import Payments
 from workers.pool import KeyPool
 from workers.throttle import FailureThrottle
 from workers.upstream import UpstreamClient
-from workers.wxpay import merchant_config_from_env
+from workers.wxpay_env import merchant_config_from_env
 
 log = logging.getLogger("airgate")
 

@@ -33,7 +33,6 @@ from workers.wxpay import (
     build_authorization,
     decrypt_resource,
     encrypt_resource,
-    merchant_config_from_env,
     parse_authorization,
     parse_notification,
     request_message,
@@ -42,6 +41,7 @@ from workers.wxpay import (
     verify_authorization,
     verify_signature,
 )
+from workers.wxpay_env import merchant_config_from_env
 
 NOW = 1_700_000_000
 APIV3_KEY = b"0123456789abcdef0123456789abcdef"
