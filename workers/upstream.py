@@ -1,8 +1,11 @@
 """The upstream HTTP client: the only module that touches httpx.
 
-Owns one shared ``httpx.AsyncClient`` (connection reuse across every key actor) and the
-translation of httpx exceptions into ``TransportFailure`` at this one boundary.
-Imports nothing from the gateway but ``workers.failure``.
+Owns the upstream connection pools (shared by every key actor; keep-alive reuse) and the
+translation of httpx exceptions into ``TransportFailure`` at this one boundary. Requests
+go straight to an httpx transport (``workers.upstream_net.LeanTransport``, or the one a
+test passes): the gateway needs none of ``httpx.AsyncClient``'s per-request machinery
+(cookies, auth flows, redirects, URL merging). Imports nothing from the gateway but
+``workers.failure`` and ``workers.upstream_net``.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from typing import cast
 import httpx
 
 from workers.failure import Failure, classify
+from workers.upstream_net import LeanTransport
 
 
 class TransportFailure(Exception):
@@ -35,10 +39,11 @@ class UpstreamResponse:
     async def chunks(self) -> AsyncGenerator[bytes, None]:
         """The body as it arrives; transport errors surface as ``TransportFailure``."""
         try:
-            raw_iter = cast(AsyncGenerator[bytes, None], self._response.aiter_raw())
-            async with aclosing(raw_iter) as raw:
-                async for chunk in raw:
-                    yield chunk
+            stream = cast(httpx.AsyncByteStream, self._response.stream)
+            async with aclosing(cast(AsyncGenerator[bytes, None], stream.__aiter__())) as parts:
+                async for chunk in parts:
+                    if chunk:
+                        yield chunk
         except httpx.HTTPError as exc:
             raise _failure_for(exc) from exc
 
@@ -64,6 +69,9 @@ def _failure_for(exc: httpx.HTTPError) -> TransportFailure:
 
 
 _CONNECTIONS_PER_SHARD = 16
+_URL_CACHE_SIZE = 1024
+_HEADERS = {"content-type": "application/json", "accept-encoding": "identity",
+            "user-agent": "airgate"}
 
 
 class UpstreamClient:
@@ -78,43 +86,48 @@ class UpstreamClient:
     ) -> None:
         """``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
 
-        The connections are split over several small httpx clients, used in turn: the
-        cost of httpcore's pool bookkeeping grows with the connections in one pool (each
-        request and each response event scans them), which made one big shared pool the
+        The connections are split over several small pools, used in turn: the cost of
+        httpcore's pool bookkeeping grows with the connections in one pool (each request
+        and each response event scans them), which made one big shared pool the
         bottleneck at a hundred concurrent streams (loadtest/bench measured ~15 CPU-ms
-        per request). Keep-alive reuse still works within each client.
+        per request). Keep-alive reuse still works within each pool.
         """
         shards = max(1, -(-max_connections // _CONNECTIONS_PER_SHARD))
         per_shard = -(-max_connections // shards)
         # One TLS context for all (building one loads the CA bundle: ~10 ms), and the
-        # clients are made on first use, so an idle gateway holds one.
+        # pools are made on first use, so an idle gateway holds one.
         tls = ssl.create_default_context()
 
-        def make() -> httpx.AsyncClient:
-            return httpx.AsyncClient(
-                transport=transport,
-                verify=tls,
-                timeout=httpx.Timeout(None, connect=connect_timeout_s),
-                limits=httpx.Limits(max_connections=per_shard,
-                                    max_keepalive_connections=per_shard),
-                follow_redirects=False,
-            )
+        def make() -> httpx.AsyncBaseTransport:
+            return LeanTransport(tls=tls, max_connections=per_shard,
+                                 connect_timeout_s=connect_timeout_s)
 
         self._make = make
-        self._clients: list[httpx.AsyncClient | None] = [None] * shards
+        self._shards: list[httpx.AsyncBaseTransport | None] = \
+            [transport] if transport is not None else [None] * shards
         self._next = 0
+        self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
-        for client in self._clients:
-            if client is not None:
-                await client.aclose()
+        for shard in self._shards:
+            if shard is not None:
+                await shard.aclose()
 
-    def _client(self) -> httpx.AsyncClient:
-        self._next = (self._next + 1) % len(self._clients)
-        client = self._clients[self._next]
-        if client is None:
-            client = self._clients[self._next] = self._make()
-        return client
+    def _transport(self) -> httpx.AsyncBaseTransport:
+        self._next = (self._next + 1) % len(self._shards)
+        shard = self._shards[self._next]
+        if shard is None:
+            shard = self._shards[self._next] = self._make()
+        return shard
+
+    def _url(self, url: str) -> httpx.URL:
+        """Parsed once per distinct URL (a key's base URL and an endpoint path)."""
+        parsed = self._urls.get(url)
+        if parsed is None:
+            if len(self._urls) >= _URL_CACHE_SIZE:
+                self._urls.clear()
+            parsed = self._urls[url] = httpx.URL(url)
+        return parsed
 
     @asynccontextmanager
     async def post(
@@ -125,21 +138,14 @@ class UpstreamClient:
         Timeouts for the first byte and idle gaps are the caller's cancel scopes; leaving
         the context (normally or by cancellation) closes the upstream connection's stream.
         """
-        client = self._client()
-        request = client.build_request(
-            "POST",
-            url,
-            content=body,
-            headers={
-                "authorization": f"Bearer {api_key}",
-                "content-type": "application/json",
-                "accept-encoding": "identity",
-            },
-        )
         try:
-            response = await client.send(request, stream=True)
+            request = httpx.Request("POST", self._url(url), content=body,
+                                    headers={**_HEADERS, "authorization": f"Bearer {api_key}"})
+            response = await self._transport().handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _failure_for(exc) from exc
+        except ValueError as exc:  # a URL httpx cannot parse (set by an admin)
+            raise _failure_for(httpx.UnsupportedProtocol(str(exc))) from exc
         try:
             yield UpstreamResponse(response.status_code, response.headers, response)
         finally:
