@@ -1,0 +1,115 @@
+"""The lean upstream transport over real loopback sockets: bodies, keep-alive, errors."""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import Awaitable, Callable
+from functools import partial
+
+import httpcore
+import httpx
+import pytest
+import trio
+
+from workers.upstream_net import LeanTransport, to_httpx_error
+
+Handler = Callable[[trio.SocketStream], Awaitable[None]]
+
+
+async def _serve(nursery: trio.Nursery, handler: Handler) -> int:
+    listeners = await nursery.start(partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+    port: int = listeners[0].socket.getsockname()[1]
+    return port
+
+
+async def _read_request(stream: trio.SocketStream) -> bytes:
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += await stream.receive_some(65536)
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    while len(rest) < length:
+        rest += await stream.receive_some(65536)
+    return head + b"\r\n\r\n" + rest
+
+
+def _transport() -> LeanTransport:
+    return LeanTransport(tls=ssl.create_default_context(), max_connections=4,
+                         connect_timeout_s=2.0)
+
+
+async def _post(transport: LeanTransport, port: int) -> httpx.Response:
+    request = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/x", content=b'{"a":1}')
+    return await transport.handle_async_request(request)
+
+
+async def _body(response: httpx.Response) -> bytes:
+    stream = response.stream
+    assert isinstance(stream, httpx.AsyncByteStream)
+    return b"".join([part async for part in stream])
+
+
+async def test_streams_a_chunked_body_and_reuses_the_connection() -> None:
+    connections = 0
+    seen: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        for _ in range(2):
+            seen.append(await _read_request(stream))
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                                  b"transfer-encoding: chunked\r\n\r\n")
+            for event in (b"data: 1\n\n", b"data: 2\n\n"):
+                await stream.send_all(b"%x\r\n%s\r\n" % (len(event), event))
+            await stream.send_all(b"0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = _transport()
+        for _ in range(2):
+            response = await _post(transport, port)
+            assert response.status_code == 200
+            assert response.headers["content-type"] == "text/event-stream"
+            assert await _body(response) == b"data: 1\n\ndata: 2\n\n"
+            await response.aclose()
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert connections == 1  # keep-alive: both requests on one connection
+    assert seen[0].endswith(b'{"a":1}')
+    assert b"Content-Length: 7" in seen[0]
+
+
+async def test_a_refused_connection_is_an_httpx_connect_error() -> None:
+    with trio.socket.socket() as probe:
+        await probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]  # bound but not listening: connections are refused
+        with pytest.raises(httpx.ConnectError):
+            await _post(_transport(), port)
+
+
+async def test_a_body_cut_off_midway_is_an_httpx_error() -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\npartial")
+        await stream.aclose()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        response = await _post(_transport(), port)
+        with pytest.raises(httpx.HTTPError) as raised:
+            await _body(response)
+        assert isinstance(raised.value, httpx.RemoteProtocolError | httpx.ReadError)
+        nursery.cancel_scope.cancel()
+
+
+def test_httpcore_exceptions_map_to_their_httpx_counterparts() -> None:
+    assert isinstance(to_httpx_error(httpcore.ReadTimeout("x")), httpx.ReadTimeout)
+    assert isinstance(to_httpx_error(httpcore.ConnectError("x")), httpx.ConnectError)
+    assert isinstance(to_httpx_error(httpcore.RemoteProtocolError("x")),
+                      httpx.RemoteProtocolError)
+    assert to_httpx_error(ValueError("x")) is None
