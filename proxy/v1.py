@@ -21,6 +21,7 @@ from proxy.asgi import BodyTooLargeError, ClientGone, Receive, Scope, Send, head
 from proxy.asgi import send_response as send_whole
 from proxy.gateway import Gateway
 from proxy.v1_request import ROUTES, parse_request
+from proxy.v1_stream import relay_reply
 from store.errors import StoreError
 from workers.dispatch import Reply, Request
 from workers.errors import (
@@ -36,12 +37,6 @@ from workers.pricing import micro_to_price
 from workers.tokens import estimate_prompt_tokens
 
 _JSON = (b"content-type", b"application/json")
-_SSE_HEADERS = [
-    (b"content-type", b"text/event-stream; charset=utf-8"),
-    (b"cache-control", b"no-cache"),
-    (b"x-accel-buffering", b"no"),
-]
-_PING = b": ping\n\n"
 _DISCONNECTED = 499  # nginx's "client closed request", recorded in usage
 access = logging.getLogger("airgate.access")
 log = logging.getLogger("airgate.v1")
@@ -143,10 +138,12 @@ class V1App:
                         await send_error(send, err, rid)
                     else:
                         status = reply.started.status
-                        await self._relay(send, reply, rid, reply_done)
+                        await relay_reply(send, reply, rid, reply_done, self._ping_s)
                     nursery.cancel_scope.cancel()
-            # hypercorn also reports a disconnect once a reply is complete: not a 499.
-            if scope_guard.cancelled_caught and not reply_done[0]:
+            # hypercorn also reports a disconnect once a reply is complete, and a client
+            # that has its stream's [DONE] may hang up before our last byte: not a 499.
+            if scope_guard.cancelled_caught and not reply_done[0] \
+                    and not (reply is not None and reply.job.counter.done):
                 status = _DISCONNECTED
         finally:
             self._stop_waiting(waiting)
@@ -163,39 +160,6 @@ class V1App:
         if waiting[0]:
             waiting[0] = False
             self._waiting -= 1
-
-    async def _relay(
-        self, send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool]
-    ) -> None:
-        """Send the reply; ``done[0]`` is set just before its last byte is handed over."""
-        started = reply.started
-        if not reply.request.stream or started.status >= 400:
-            body = b"".join([chunk async for chunk in reply.chunks()])
-            headers = [(b"content-type", started.content_type.encode()), rid]
-            done[0] = True
-            await send_whole(send, started.status, body, headers)
-            return
-        await send({"type": "http.response.start", "status": started.status,
-                    "headers": [*_SSE_HEADERS, rid]})
-        ping_s = self._ping_s
-        while True:
-            chunk: bytes | None = None
-            try:
-                chunk = reply.next_chunk_nowait()
-            except trio.WouldBlock:
-                with trio.move_on_after(ping_s) as idle:
-                    chunk = await reply.next_chunk()
-                if idle.cancelled_caught:
-                    await send({"type": "http.response.body", "body": _PING,
-                                "more_body": True})
-                    continue
-            if chunk is None:
-                break
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
-            if reply.job.counter.done:
-                done[0] = True  # the client has [DONE] and may hang up before our last byte
-        done[0] = True
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async def _models(self, scope: Scope, send: Send, rid: tuple[bytes, bytes]) -> None:
         if header(scope, b"authorization") is not None:

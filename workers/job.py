@@ -2,14 +2,18 @@
 
 A ``Job`` is created by the dispatcher for each attempt, carried to a key actor through
 its inbox, and answered on the job's own reply channel: first ``Started`` or ``Failed``,
-then (after ``Started``) raw body bytes, then the channel closes. Counting state lives on
-the job so the dispatcher can bill whatever was relayed even when the client leaves.
+then (after ``Started``) raw body bytes, then the channel closes. Once the client's side
+has taken a stream's first bytes it may hand the job a ``Sink``: from then on the key
+actor writes the stream's bytes straight to the client through it (no hop through the
+channel and the request task per chunk), and the channel only closes at the end.
+Counting state lives on the job so the dispatcher can bill whatever was relayed even
+when the client leaves.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 
@@ -38,6 +42,14 @@ class Failed:
 Event = Started | Failed | bytes
 
 
+class Sink(Protocol):
+    """Where a stream's bytes go once the client's side has handed it over."""
+
+    async def send(self, data: bytes) -> None:
+        """Write ``data`` to the client; raise ``trio.BrokenResourceError`` if it is gone."""
+        ...
+
+
 @dataclass(eq=False, slots=True)
 class Job:
     request_id: str
@@ -63,6 +75,7 @@ class Job:
     cut_for_quota: bool = False
     whole_completion_estimate: int = 0  # a non-stream body's completion, when no usage came
     aborted: bool = False
+    sink: Sink | None = None  # set by the client's side; used by the relay when present
     _scope: trio.CancelScope | None = None
 
     def attach(self, scope: trio.CancelScope) -> None:

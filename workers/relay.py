@@ -1,14 +1,16 @@
-"""Relaying an upstream body to the job's reply channel while counting tokens.
+"""Relaying an upstream body to the client while counting tokens.
 
 Owns the per-chunk hot loop: raw upstream bytes are split into SSE events, each event's
 data is fed to the job's token counter, and the events' original bytes are forwarded
-unchanged (never re-encoded). Events that arrived together leave together. The only
+unchanged (never re-encoded), to the job's sink once the client's side handed one over,
+else to its reply channel. Events that arrived together leave together. The only
 event dropped is the usage-only chunk the gateway asked for on the client's behalf when
 the client did not ask for it. Ends a failed stream with an OpenAI-shaped error event.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import orjson
@@ -19,6 +21,8 @@ from workers.job import Job
 from workers.sse import SSESplitter
 from workers.tokens import MalformedChunk, estimate_completion_tokens, usage_from_response
 from workers.upstream import TransportFailure, UpstreamResponse
+
+log = logging.getLogger("airgate.relay")
 
 
 def error_event(message: str, type_: str, code: str | None) -> bytes:
@@ -67,6 +71,22 @@ def _error_json(failure: Failure, message: str) -> bytes:
     )
 
 
+_IDLE_GRANULARITY_S = 1.0
+
+
+async def _deliver(job: Job, data: bytes) -> None:
+    """Hand bytes to the client: straight through its sink once it has handed one over,
+    else through the reply channel (which has room for a few chunks: no wait)."""
+    sink = job.sink
+    if sink is not None:
+        await sink.send(data)
+        return
+    try:
+        job.reply.send_nowait(data)
+    except trio.WouldBlock:
+        await job.reply.send(data)
+
+
 async def _relay_stream(
     job: Job, response: UpstreamResponse, idle_timeout_s: float, first_byte_timeout_s: float
 ) -> Failure | None:
@@ -75,12 +95,20 @@ async def _relay_stream(
     budget = job.token_budget if job.token_budget is not None else math.inf
     done = False
     forwarded_error = False  # the upstream's own in-stream error event went through
+    sending = False  # waiting on the client: a timeout now is the client's, not upstream's
     failure: Failure | None = None
     chunks = response.chunks()
+    # The idle deadline moves at most once a second (moving a cancel scope's deadline is
+    # not free, and this runs per upstream read): it fires between idle_timeout_s and
+    # idle_timeout_s + 1 s after the upstream's last bytes.
+    push_at = -math.inf
     with trio.CancelScope(deadline=trio.current_time() + first_byte_timeout_s) as idle:
         try:
             async for data in chunks:
-                idle.deadline = trio.current_time() + idle_timeout_s
+                now = trio.current_time()
+                if now >= push_at:
+                    idle.deadline = now + idle_timeout_s + _IDLE_GRANULARITY_S
+                    push_at = now + _IDLE_GRANULARITY_S
                 out: list[bytes] = []
                 for event in splitter.feed(data):
                     if event.data is None:
@@ -101,16 +129,15 @@ async def _relay_stream(
                         break
                 if out:
                     if job.first_byte_at is None:
-                        job.first_byte_at = trio.current_time()
-                    # Waiting on a slow client is not the upstream being idle.
-                    idle.deadline = math.inf
-                    await job.reply.send(out[0] if len(out) == 1 else b"".join(out))
-                    idle.deadline = trio.current_time() + idle_timeout_s
+                        job.first_byte_at = now
+                    sending = True
+                    await _deliver(job, out[0] if len(out) == 1 else b"".join(out))
+                    sending = False
                 if failure is not None:
                     forwarded_error = True
                     break
                 if job.cut_for_quota:
-                    await job.reply.send(error_event(
+                    await _deliver(job, error_event(
                         "You exceeded your current quota; the stream was stopped.",
                         "insufficient_quota", "insufficient_quota"))
                     break
@@ -124,11 +151,17 @@ async def _relay_stream(
             await chunks.aclose()
     job.usage = counter.upstream_usage
     if idle.cancelled_caught:
+        if sending:
+            # The client read nothing for the whole idle timeout: end its stream, without
+            # blaming the key (the error event would not reach it either).
+            log.info("request %s: client stalled for %.0f s; stream ended",
+                     job.request_id, idle_timeout_s)
+            return None
         failure = classify(None, None, timeout=True)
     elif failure is None and not done and not job.cut_for_quota:
         failure = classify(None, None, connect_error=True)  # cut off before [DONE]
     if failure is not None and not forwarded_error:
-        await job.reply.send(error_event(
+        await _deliver(job, error_event(
             f"The upstream stream failed ({failure.kind.value}).", "upstream_error",
             failure.upstream_code or failure.kind.value))
     return failure

@@ -1,0 +1,85 @@
+"""Sending an upstream reply to the /v1 client: whole bodies, and streams as they come.
+
+Owns :class:`ClientSink` and :func:`relay_reply`. A stream's first bytes come through the
+job's reply channel; as soon as nothing is queued there the request task hands the job a
+``ClientSink``, and the key actor then writes every later chunk straight to the client
+(one task per chunk instead of two). The request task stays behind to send ``: ping``
+comments while the upstream is idle and the end of the body when the job ends. The sink
+lets one writer at a time through, so a ping never lands inside a chunk.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from proxy.asgi import Send
+from proxy.asgi import send_response as send_whole
+from workers.dispatch import Reply
+
+_SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+_PING = b": ping\n\n"
+
+
+class ClientSink:
+    """The client's end of one stream: ASGI body sends, one writer at a time."""
+
+    __slots__ = ("_busy", "_free", "_send", "last")
+
+    def __init__(self, send: Send) -> None:
+        self._send = send
+        self._busy = False
+        self._free: trio.Event | None = None  # made only when a second writer must wait
+        self.last = trio.current_time()  # when the client was last sent something
+
+    async def send(self, data: bytes) -> None:
+        while self._busy:
+            if self._free is None:
+                self._free = trio.Event()
+            await self._free.wait()
+        self._busy = True
+        try:
+            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+        finally:
+            self._busy = False
+            self.last = trio.current_time()
+            if self._free is not None:
+                self._free.set()
+                self._free = None
+
+
+async def relay_reply(
+    send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool], ping_s: float
+) -> None:
+    """Send the reply; ``done[0]`` is set just before its last byte is handed over."""
+    started = reply.started
+    if not reply.request.stream or started.status >= 400:
+        body = b"".join([chunk async for chunk in reply.chunks()])
+        headers = [(b"content-type", started.content_type.encode()), rid]
+        done[0] = True
+        await send_whole(send, started.status, body, headers)
+        return
+    await send({"type": "http.response.start", "status": started.status,
+                "headers": [*_SSE_HEADERS, rid]})
+    sink = ClientSink(send)
+    job = reply.job
+    while True:
+        try:
+            chunk = reply.next_chunk_nowait()
+        except trio.WouldBlock:
+            # Nothing is queued: from here on the key actor writes straight to the client.
+            job.sink = sink
+            with trio.move_on_at(sink.last + ping_s) as idle:
+                chunk = await reply.next_chunk()
+            if idle.cancelled_caught:
+                if trio.current_time() >= sink.last + ping_s:
+                    await sink.send(_PING)
+                continue
+        if chunk is None:
+            break
+        await sink.send(chunk)
+    done[0] = True
+    await send({"type": "http.response.body", "body": b"", "more_body": False})
