@@ -84,7 +84,7 @@ class KeyActor:
 
     def can_take(self, now: float, tokens: int) -> bool:
         """Whether a job of ``tokens`` estimated tokens would be admitted right away."""
-        if not self.usable or self.queued >= self.inbox_size or not self.health.available(now):
+        if not self.usable or not self.has_room() or not self.health.available(now):
             return False
         if self.queued + self.inflight >= self.concurrency:
             return False
@@ -93,7 +93,10 @@ class KeyActor:
         return self.tpm is None or self.tpm.level(now) >= min(tokens, self.tpm.capacity)
 
     def has_room(self) -> bool:
-        return self.queued < self.inbox_size
+        """Whether the inbox's buffer has room. Jobs handed straight to an idle worker that
+        has not run yet are counted in ``queued`` but take no room: a burst of requests
+        arriving in one scheduler pass must not look like a full inbox."""
+        return self._send.statistics().current_buffer_used < self.inbox_size
 
     def retry_after(self, now: float) -> float | None:
         """Seconds until this key may take work again (None: not known / disabled)."""

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> None:
     print("\n" + format_cpu(cells))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps([c.as_json() for c in cells], indent=2))
-    shutil.rmtree(workdir, ignore_errors=True)
     if any(c.errors for c in cells):
-        print("\nsome cells had errors (see the err column)")
+        print(f"\nsome cells had errors (see the err column); server logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -162,3 +162,23 @@ async def test_max_concurrency_bounds_requests_in_flight(autojump_clock: MockClo
     assert upstream.times == [0.0, 0.0, 10.0, 10.0, 20.0]
     assert all(isinstance(r[0], Started) and r[0].status == 200 for r in results)
     assert len(results) == 5
+
+
+async def test_a_burst_handed_to_idle_workers_does_not_fill_the_inbox(
+    autojump_clock: MockClock,
+) -> None:
+    """Jobs submitted in one scheduler pass go straight to idle workers: they count as
+    queued (for max_concurrency) until the workers run, but take no inbox room."""
+    upstream = FakeUpstream(answer(after_s=1.0))
+    async with running_actor(make_key(max_concurrency=50), upstream, inbox_size=4) as actor:
+        receives = []
+        for _ in range(10):  # no checkpoint in between: no worker has run yet
+            job, receive = make_job()
+            assert actor.submit_nowait(job)
+            receives.append(receive)
+        assert actor.queued == 10
+        assert actor.has_room()
+        assert actor.can_take(trio.current_time(), 0)
+        results = [await collect(receive) for receive in receives]
+    assert all(isinstance(r[0], Started) for r in results)
+    assert upstream.max_inflight == 10
