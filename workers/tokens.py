@@ -269,6 +269,7 @@ class ChunkInfo(NamedTuple):
 
 
 _DONE = ChunkInfo(done=True)
+_PLAIN = ChunkInfo()
 _DELTA_TEXT_FIELDS = ("content", "reasoning_content", "refusal")
 
 
@@ -297,53 +298,64 @@ class StreamTokenCounter:
     def completion_tokens_estimate(self) -> int:
         return max(self._pieces, _tokens_from_counts(self._ascii, self._other))
 
-    def _add(self, text: Any) -> None:
-        if isinstance(text, str) and text:
-            ascii_chars, other_chars = _char_counts(text)
+    def _add(self, text: str) -> None:
+        if text.isascii():
+            self._ascii += len(text)
+        else:
+            ascii_chars = len(text.encode("ascii", "ignore"))
             self._ascii += ascii_chars
-            self._other += other_chars
-            self._pieces += 1
+            self._other += len(text) - ascii_chars
+        self._pieces += 1
 
-    def _add_choice(self, choice: Any) -> None:
-        if not isinstance(choice, Mapping):
-            return
-        self._add(choice.get("text"))  # completions
+    def _add_choice(self, choice: dict[str, Any]) -> None:
+        text = choice.get("text")  # completions
+        if type(text) is str and text:
+            self._add(text)
         delta = choice.get("delta")
-        if not isinstance(delta, Mapping):
+        if type(delta) is not dict:
             return
-        for field in _DELTA_TEXT_FIELDS:
-            self._add(delta.get(field))
-        calls = delta.get("tool_calls")
-        if isinstance(calls, list):
-            for call in calls:
-                if isinstance(call, Mapping):
-                    self._add_function(call.get("function"))
-        self._add_function(delta.get("function_call"))
+        # Usually one or two keys ({"content": ...}, maybe "role"): walk what is there.
+        for name, value in delta.items():
+            if type(value) is str:
+                if value and name in _DELTA_TEXT_FIELDS:
+                    self._add(value)
+            elif name == "tool_calls" and type(value) is list:
+                for call in value:
+                    if type(call) is dict:
+                        self._add_function(call.get("function"))
+            elif name == "function_call":
+                self._add_function(value)
 
     def _add_function(self, function: Any) -> None:
-        if isinstance(function, Mapping):
-            self._add(function.get("name"))
-            self._add(function.get("arguments"))
+        if type(function) is dict:
+            for name in ("name", "arguments"):
+                value = function.get(name)
+                if type(value) is str and value:
+                    self._add(value)
 
     def feed(self, data: bytes) -> ChunkInfo:
         """Account for one ``data`` payload. Raises :class:`MalformedChunk` if it is not JSON."""
-        if data.strip() == b"[DONE]":
+        if data[:1] != b"{" and data.strip() == b"[DONE]":
             self.done = True
             return _DONE
         try:
             chunk = orjson.loads(data)
         except orjson.JSONDecodeError as exc:
             raise MalformedChunk(f"stream chunk is not valid JSON: {exc}") from exc
-        if not isinstance(chunk, dict):
+        if type(chunk) is not dict:
             raise MalformedChunk("stream chunk is not a JSON object")
         choices = chunk.get("choices")
-        if isinstance(choices, list):
+        if type(choices) is list:
             for choice in choices:
-                self._add_choice(choice)
-        usage = parse_usage(chunk.get("usage"))
+                if type(choice) is dict:
+                    self._add_choice(choice)
+        raw_usage = chunk.get("usage")
+        error = chunk.get("error")
+        if raw_usage is None and error is None:
+            return _PLAIN  # the usual chunk: nothing but choices
+        usage = parse_usage(raw_usage)
         if usage is not None:
             self.upstream_usage = usage
-        error = chunk.get("error")
         return ChunkInfo(
             done=False,
             usage_only=is_usage_only(chunk),
