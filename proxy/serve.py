@@ -38,6 +38,7 @@ from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
 from workers.events import Events
+from workers.overload import LagMonitor
 from workers.passwords import hash_password
 from workers.payments import Payments
 from workers.pool import KeyPool
@@ -153,7 +154,9 @@ async def serve(
                     settings, db, metrics, pool, accounts, catalog, dispatcher, payments, events,
                     FailureThrottle(settings.login_failures_per_account, 900),
                     FailureThrottle(settings.login_failures_per_ip, 900), secret,
+                    LagMonitor(settings.overload_lag_ms / 1000),
                 )
+                await inner.start(gw.overload.run)
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
                     binds = await http.start(

@@ -53,6 +53,7 @@ class Settings:
     max_attempts: int = 3
     dispatch_wait_s: float = 2.0
     max_waiting_requests: int = 512  # waiting for a first upstream byte; more get 429
+    overload_lag_ms: float = 50.0  # shed completions (429) while the scheduler lags more; 0: off
     actor_inbox_size: int = 64
     flush_interval_s: float = 1.0
     flush_batch_size: int = 500
@@ -86,8 +87,9 @@ class Settings:
                 problems.append(f"{name} must be positive")
         if not 0 <= self.invite_rebate_percent <= 100:
             problems.append("invite_rebate_percent must be within 0..100")
-        if self.shutdown_grace_s < 0:
-            problems.append("shutdown_grace_s must not be negative")
+        for name in ("shutdown_grace_s", "overload_lag_ms"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must not be negative")
         if self.log_level not in {"debug", "info", "warning", "error"}:
             problems.append("log_level must be one of debug, info, warning, error")
         if bool(self.admin_email) != bool(self.admin_password):

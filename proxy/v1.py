@@ -49,6 +49,7 @@ class V1App:
         self._limit = gateway.settings.max_body_bytes
         self._access_log = gateway.settings.access_log
         self._max_waiting = gateway.settings.max_waiting_requests
+        self._overload = gateway.overload
         self._waiting = 0  # requests admitted and not yet answered by an upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,6 +61,9 @@ class V1App:
         started = time.perf_counter()
         status = 200
         try:
+            if self._overload.shedding and route in ROUTES:
+                # Refused at the door, before auth and body parsing: the cheapest answer.
+                raise self._gw.dispatcher.overloaded()
             if route == "/v1/models":
                 await self._models(scope, send, rid)
             elif route not in ROUTES:

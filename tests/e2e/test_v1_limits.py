@@ -106,3 +106,30 @@ async def test_past_the_waiting_limit_requests_are_shed_at_once(
     h.stop.set()
     with trio.fail_after(20):
         await done.wait()
+
+
+async def test_while_the_gateway_lags_completions_are_refused_at_the_door(
+    harness: Harness,
+) -> None:
+    """Refusals come before auth and body parsing, carry retry-after, bill nothing, and
+    leave the connection usable; /v1/models and /api keep working."""
+    await harness.add_key()
+    user_id, key = await harness.add_user()
+    harness.gw.overload.shedding = True  # the lag monitor is off in e2e; play its part
+    headers = {"authorization": f"Bearer {key}"}
+    async with httpx.AsyncClient(base_url=harness.base_url, timeout=10) as client:
+        for auth in (headers, {"authorization": "Bearer sk-not-a-key"}):
+            response = await client.post("/v1/chat/completions", headers=auth,
+                                          content=b'{"model": "deepseek-v4-flash", "mess')
+            assert response.status_code == 429
+            assert response.json()["error"]["code"] == "gateway_overloaded"
+            assert int(response.headers["retry-after"]) >= 1
+        assert (await client.get("/v1/models", headers=headers)).status_code == 200
+        assert (await client.get("/api/plans")).status_code == 200
+        harness.gw.overload.shedding = False
+        response = await client.post("/v1/chat/completions", headers=headers,
+                                     json={"model": "deepseek-v4-flash", "messages": CHAT})
+        assert response.status_code == 200
+    rows = await harness.wait_for_usage(user_id, 1)
+    assert len(rows) == 1
+    assert (await harness.mock_stats())["requests"]["mock-healthy"] == 1
