@@ -1,4 +1,4 @@
-"""Scrape-time gauges: the key pool's per-key state and the database pool.
+"""Scrape-time gauges: the key pool's per-key state, the database pool, overload.
 
 Labels are bounded: upstream key ids (a handful, created by admins) and health states;
 never a user, an email or a key's display name.
@@ -11,12 +11,15 @@ from collections.abc import Iterable, Sequence
 from observability.metrics import Metrics
 from store.db import Database
 from workers.health import HealthState
+from workers.overload import LagMonitor
 from workers.pool import KeyPool
 
 Rows = Iterable[tuple[Sequence[str], float]]
 
 
-def register_snapshots(metrics: Metrics, pool: KeyPool, db: Database) -> None:
+def register_snapshots(
+    metrics: Metrics, pool: KeyPool, db: Database, overload: LagMonitor
+) -> None:
     add = metrics.snapshots.add
 
     def states() -> Rows:
@@ -54,3 +57,8 @@ def register_snapshots(metrics: Metrics, pool: KeyPool, db: Database) -> None:
         rpm)
     add("airgate_upstream_key_tpm_headroom", "Tokens the key may use now", ["key_id"], tpm)
     add("airgate_db_pool_connections", "Database pool connections", ["state"], db_pool)
+    add("airgate_scheduler_lag_seconds",
+        "How late the event loop runs work (smoothed); above the overload threshold new "
+        "completions are shed", [], lambda: [((), overload.lag_s)])
+    add("airgate_overload_shedding", "1 while completions are refused as overloaded", [],
+        lambda: [((), 1.0 if overload.shedding else 0.0)])

@@ -123,7 +123,8 @@ async def serve(
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable,
                        share=(slot.index, slot.count) if slot else (0, 1))
-        register_snapshots(metrics, pool, db)
+        overload = LagMonitor(settings.overload_lag_ms / 1000)
+        register_snapshots(metrics, pool, db, overload)
         worker_index = str(slot.index if slot else 0)
         metrics.snapshots.add("airgate_worker", "This process's worker index", ["index"],
                               lambda: [((worker_index,), 1.0)])
@@ -154,7 +155,7 @@ async def serve(
                     settings, db, metrics, pool, accounts, catalog, dispatcher, payments, events,
                     FailureThrottle(settings.login_failures_per_account, 900),
                     FailureThrottle(settings.login_failures_per_ip, 900), secret,
-                    LagMonitor(settings.overload_lag_ms / 1000),
+                    overload,
                 )
                 await inner.start(gw.overload.run)
                 inner.start_soon(_signals, stop)

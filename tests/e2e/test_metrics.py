@@ -53,8 +53,10 @@ async def test_requests_show_up_with_bounded_labels(harness: Harness) -> None:
                for s in families["airgate_upstream_key_health"].samples)
     for name in ("airgate_gateway_overhead_seconds", "airgate_upstream_duration_seconds",
                  "airgate_request_duration_seconds", "airgate_db_pool_connections",
-                 "process_resident_memory_bytes", "airgate_usage_records_written"):
+                 "process_resident_memory_bytes", "airgate_usage_records_written",
+                 "airgate_scheduler_lag_seconds", "airgate_overload_shedding"):
         assert name in families, name
+    assert families["airgate_overload_shedding"].samples[0].value == 0
     # No label carries a user id, an email or an API key.
     for family in families.values():
         for sample in family.samples:
