@@ -14,7 +14,7 @@ from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
 from workers.events import Events
-from workers.overload import LagMonitor
+from workers.overload import Admission
 from workers.payments import Payments
 from workers.pool import KeyPool
 from workers.throttle import FailureThrottle
@@ -34,4 +34,4 @@ class Gateway:
     login_by_account: FailureThrottle
     login_by_ip: FailureThrottle
     jwt_secret: str
-    overload: LagMonitor
+    admission: Admission

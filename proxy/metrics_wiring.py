@@ -11,14 +11,14 @@ from collections.abc import Iterable, Sequence
 from observability.metrics import Metrics
 from store.db import Database
 from workers.health import HealthState
-from workers.overload import LagMonitor
+from workers.overload import Admission
 from workers.pool import KeyPool
 
 Rows = Iterable[tuple[Sequence[str], float]]
 
 
 def register_snapshots(
-    metrics: Metrics, pool: KeyPool, db: Database, overload: LagMonitor
+    metrics: Metrics, pool: KeyPool, db: Database, admission: Admission
 ) -> None:
     add = metrics.snapshots.add
 
@@ -58,7 +58,11 @@ def register_snapshots(
     add("airgate_upstream_key_tpm_headroom", "Tokens the key may use now", ["key_id"], tpm)
     add("airgate_db_pool_connections", "Database pool connections", ["state"], db_pool)
     add("airgate_scheduler_lag_seconds",
-        "How late the event loop runs work (smoothed); above the overload threshold new "
-        "completions are shed", [], lambda: [((), overload.lag_s)])
-    add("airgate_overload_shedding", "1 while completions are refused as overloaded", [],
-        lambda: [((), 1.0 if overload.shedding else 0.0)])
+        "How late the event loop runs work (smoothed); above the overload threshold the "
+        "admission limit shrinks", [], lambda: [((), admission.lag_s)])
+    add("airgate_admission_limit", "Completions let in at once (+Inf: no limit)", [],
+        lambda: [((), admission.limit)])
+    add("airgate_admitted_requests", "Completions in flight (counted at the door)", [],
+        lambda: [((), float(admission.inflight))])
+    add("airgate_overload_shedding", "1 while new completions are refused as overloaded",
+        [], lambda: [((), 1.0 if admission.shedding else 0.0)])

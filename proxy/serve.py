@@ -38,7 +38,7 @@ from workers.accounts import Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher
 from workers.events import Events
-from workers.overload import LagMonitor
+from workers.overload import Admission
 from workers.passwords import hash_password
 from workers.payments import Payments
 from workers.pool import KeyPool
@@ -123,8 +123,8 @@ async def serve(
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable,
                        share=(slot.index, slot.count) if slot else (0, 1))
-        overload = LagMonitor(settings.overload_lag_ms / 1000)
-        register_snapshots(metrics, pool, db, overload)
+        admission = Admission(settings.overload_lag_ms / 1000)
+        register_snapshots(metrics, pool, db, admission)
         worker_index = str(slot.index if slot else 0)
         metrics.snapshots.add("airgate_worker", "This process's worker index", ["index"],
                               lambda: [((worker_index,), 1.0)])
@@ -155,9 +155,9 @@ async def serve(
                     settings, db, metrics, pool, accounts, catalog, dispatcher, payments, events,
                     FailureThrottle(settings.login_failures_per_account, 900),
                     FailureThrottle(settings.login_failures_per_ip, 900), secret,
-                    overload,
+                    admission,
                 )
-                await inner.start(gw.overload.run)
+                await inner.start(admission.run)
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
                     binds = await http.start(

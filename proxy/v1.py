@@ -49,7 +49,7 @@ class V1App:
         self._limit = gateway.settings.max_body_bytes
         self._access_log = gateway.settings.access_log
         self._max_waiting = gateway.settings.max_waiting_requests
-        self._overload = gateway.overload
+        self._admission = gateway.admission
         self._waiting = 0  # requests admitted and not yet answered by an upstream
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -60,10 +60,13 @@ class V1App:
         metrics = self._gw.metrics
         started = time.perf_counter()
         status = 200
+        entered = False
         try:
-            if self._overload.shedding and route in ROUTES:
-                # Refused at the door, before auth and body parsing: the cheapest answer.
-                raise self._gw.dispatcher.overloaded()
+            if route in ROUTES:
+                if not self._admission.try_enter():
+                    # Refused at the door, before auth and body parsing: the cheapest answer.
+                    raise self._gw.dispatcher.overloaded()
+                entered = True
             if route == "/v1/models":
                 await self._models(scope, send, rid)
             elif route not in ROUTES:
@@ -84,6 +87,9 @@ class V1App:
             status = 503
             await send_error(send, Unavailable("Service temporarily unavailable; retry.",
                                                retry_after_s=1.0), rid)
+        finally:
+            if entered:
+                self._admission.leave()
         if self._access_log and access.isEnabledFor(logging.INFO):
             access.info("request", extra={
                 "request_id": request_id, "method": scope["method"], "path": path,

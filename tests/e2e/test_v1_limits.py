@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import httpx
 import openai
 import pytest
@@ -115,7 +117,7 @@ async def test_while_the_gateway_lags_completions_are_refused_at_the_door(
     leave the connection usable; /v1/models and /api keep working."""
     await harness.add_key()
     user_id, key = await harness.add_user()
-    harness.gw.overload.shedding = True  # the lag monitor is off in e2e; play its part
+    harness.gw.admission.limit = 0  # the lag monitor is off in e2e; play its part
     headers = {"authorization": f"Bearer {key}"}
     async with httpx.AsyncClient(base_url=harness.base_url, timeout=10) as client:
         for auth in (headers, {"authorization": "Bearer sk-not-a-key"}):
@@ -126,7 +128,8 @@ async def test_while_the_gateway_lags_completions_are_refused_at_the_door(
             assert int(response.headers["retry-after"]) >= 1
         assert (await client.get("/v1/models", headers=headers)).status_code == 200
         assert (await client.get("/api/plans")).status_code == 200
-        harness.gw.overload.shedding = False
+        harness.gw.admission.limit = math.inf
+        assert harness.gw.admission.inflight == 0  # refusals were never counted in
         response = await client.post("/v1/chat/completions", headers=headers,
                                      json={"model": "deepseek-v4-flash", "messages": CHAT})
         assert response.status_code == 200

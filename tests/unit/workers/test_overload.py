@@ -1,54 +1,85 @@
-"""LagMonitor on the mock clock: a stalled scheduler turns shedding on, recovery off."""
+"""Admission on the mock clock: lag shrinks the in-flight limit, recovery lifts it."""
 
 from __future__ import annotations
+
+import math
 
 import trio
 import trio.testing
 from trio.testing import MockClock
 
-from workers.overload import LagMonitor
+from workers.overload import Admission
 
 
-def test_shedding_starts_above_the_threshold_and_stops_below_half_of_it() -> None:
-    monitor = LagMonitor(0.05)
-    for _ in range(20):
-        monitor.observe(0.02)  # busy but keeping up
-    assert not monitor.shedding
-    monitor.observe(0.5)  # one long stall: 0.02 + 0.3 * 0.48
-    assert monitor.lag_s > 0.05
-    assert monitor.shedding
-    while monitor.lag_s >= 0.025:
-        assert monitor.shedding  # hysteresis: still on between half and the threshold
-        monitor.observe(0.0)
-    assert not monitor.shedding
+def _busy(admission: Admission, n: int) -> None:
+    for _ in range(n):
+        assert admission.try_enter()
 
 
-def test_a_single_short_hiccup_does_not_shed() -> None:
-    monitor = LagMonitor(0.05)
-    monitor.observe(0.1)  # smoothed: 0.03
-    assert not monitor.shedding
+def test_no_lag_no_limit() -> None:
+    admission = Admission(0.05)
+    _busy(admission, 10_000)  # ten thousand idle streams: let in
+    for _ in range(50):
+        admission.observe(0.001)
+    assert admission.limit == math.inf
+    assert not admission.shedding
+
+
+def test_lag_shrinks_the_limit_below_what_is_in_flight_then_it_grows_back() -> None:
+    admission = Admission(0.05, min_limit=16)
+    _busy(admission, 200)
+    admission.observe(0.5)  # a long stall: smoothed 0.15
+    assert admission.limit == 180  # 200 in flight x 0.9
+    assert admission.shedding
+    assert not admission.try_enter()
+    for _ in range(100):  # still lagging: the limit keeps falling, down to the floor
+        admission.observe(0.5)
+    assert admission.limit == 16
+    for _ in range(190):
+        admission.leave()  # the accepted requests finish
+    assert admission.inflight == 10
+    assert admission.try_enter()  # below the floor: always some progress
+    while True:
+        admission.observe(0.0)
+        if admission.lag_s < 0.025:
+            break
+        assert admission.limit == 16  # lag between half and the threshold: hold
+    assert admission.limit == 17  # below half: +max(1, 5 %)
+    grown = [admission.limit]
+    for _ in range(300):
+        admission.observe(0.0)
+        grown.append(admission.limit)
+    assert grown == sorted(grown)
+    assert admission.limit == math.inf  # grown past a million: no limit at all
+
+
+def test_a_single_short_hiccup_does_not_limit() -> None:
+    admission = Admission(0.05)
+    _busy(admission, 100)
+    admission.observe(0.1)  # smoothed: 0.03
+    assert admission.limit == math.inf
 
 
 async def test_the_monitor_measures_how_late_it_wakes(mock_clock: MockClock) -> None:
-    clock = mock_clock  # time moves only when the test jumps it
-    monitor = LagMonitor(0.05)
+    admission = Admission(0.05)
+    _busy(admission, 100)
     async with trio.open_nursery() as nursery:
-        await nursery.start(monitor.run)
+        await nursery.start(admission.run)
         await trio.testing.wait_all_tasks_blocked()
-        clock.jump(0.5)  # the scheduler ran nothing for half a second
+        mock_clock.jump(0.5)  # the scheduler ran nothing for half a second
         await trio.testing.wait_all_tasks_blocked()
-        assert monitor.shedding
-        assert 0.14 < monitor.lag_s < 0.15  # 0.3 x (0.5 - 0.01)
+        assert 0.14 < admission.lag_s < 0.15  # 0.3 x (0.5 - 0.01)
+        assert admission.limit == 90
         for _ in range(30):  # back to waking on time
-            clock.jump(0.01)
+            mock_clock.jump(0.01)
             await trio.testing.wait_all_tasks_blocked()
-        assert not monitor.shedding
-        assert monitor.lag_s < 0.001
+        assert admission.lag_s < 0.001
+        assert admission.limit > 90
         nursery.cancel_scope.cancel()
 
 
 async def test_threshold_zero_turns_it_off() -> None:
-    monitor = LagMonitor(0.0)
+    admission = Admission(0.0)
     with trio.fail_after(1):
-        await monitor.run()  # returns at once: nothing to watch
-    assert not monitor.shedding
+        await admission.run()  # returns at once: nothing to watch
+    assert admission.limit == math.inf
