@@ -73,6 +73,9 @@ def _hypercorn_config(settings: Settings, slot: WorkerSlot | None) -> Config:
     config.bind = [f"fd://{slot.fd}"] if slot else [f"{settings.host}:{settings.port}"]
     config.graceful_timeout = settings.shutdown_grace_s
     config.keep_alive_timeout = 75
+    # A full accept queue drops SYNs and clients retry after 1 s, 3 s...: under overload
+    # it is better to accept and refuse at once (429 + retry-after) than to leave them there.
+    config.backlog = settings.listen_backlog
     config.accesslog = None
     config.errorlog = "-"
     config.loglevel = "WARNING"

@@ -53,6 +53,7 @@ class Settings:
     max_attempts: int = 3
     dispatch_wait_s: float = 2.0
     max_waiting_requests: int = 512  # waiting for a first upstream byte; more get 429
+    listen_backlog: int = 2048  # the kernel's accept queue (capped by net.core.somaxconn)
     overload_lag_ms: float = 50.0  # shed completions (429) while the scheduler lags more; 0: off
     actor_inbox_size: int = 64
     flush_interval_s: float = 1.0
@@ -77,7 +78,7 @@ class Settings:
         positive = (
             "db_pool_size", "jwt_ttl_s", "max_body_bytes", "connect_timeout_s",
             "first_byte_timeout_s", "idle_timeout_s", "ping_interval_s", "max_attempts",
-            "dispatch_wait_s", "max_waiting_requests", "actor_inbox_size",
+            "dispatch_wait_s", "max_waiting_requests", "actor_inbox_size", "listen_backlog",
             "flush_interval_s", "flush_batch_size",
             "upstream_max_connections", "order_ttl_s", "reconcile_interval_s",
             "login_failures_per_account", "login_failures_per_ip",

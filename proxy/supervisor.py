@@ -33,12 +33,12 @@ log = logging.getLogger("airgate.supervisor")
 _RESTART_PAUSE_S = 1.0
 
 
-def _listen(host: str, port: int) -> socket.socket:
+def _listen(host: str, port: int, backlog: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
-    sock.listen(1024)
+    sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
 
@@ -71,7 +71,7 @@ def run_workers(settings: Settings) -> int:
             dsn = cluster.start()
             stack.callback(cluster.stop)
         trio.run(_migrate, dsn)
-        sock = stack.enter_context(_listen(settings.host, settings.port))
+        sock = stack.enter_context(_listen(settings.host, settings.port, settings.listen_backlog))
         env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}
         count = settings.workers
         procs = [_spawn(i, count, sock.fileno(), env) for i in range(count)]

@@ -1,0 +1,221 @@
+"""``python -m loadtest.bench.overload``: does the gateway shed load or queue it?
+
+Target: at twice its capacity the gateway refuses the excess (429/503 with
+``retry-after``) instead of queueing it for seconds, so the p99 latency of the requests
+it accepts stays within 2x of its p99 at capacity. Starts the mock upstream and the
+gateway (as :mod:`loadtest.bench.cli` does), measures capacity R closed-loop at
+concurrency 50 (or takes ``--capacity-rps``), then runs the open-loop generator
+(:mod:`loadtest.bench.openloop`) at 1.0 x R and ``--factor`` x R. A measurement, not a
+test: it always exits 0 and prints PASS or FAIL. Must not import ``proxy``, ``workers``
+or ``store``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import subprocess
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+from loadtest.bench.cli import SCENARIOS, Target, request_body, run_cell
+from loadtest.bench.loadgen import build_request
+from loadtest.bench.processes import MODEL, reachable_tmp_dir, start_gateway, start_mock
+
+CAPACITY_CONCURRENCY = 50
+P99_RATIO_TARGET = 2.0
+GEN_CPU_LIMIT = 0.60  # generator share of one core above which it may be the limit
+ERROR_LIMIT = 0.01  # errors (timeouts, resets, 5xx other than 503) as a share of arrivals
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench.overload",
+        description="Open-loop overload check: p99 of accepted requests at factor x capacity"
+                    " against p99 at capacity.",
+    )
+    parser.add_argument("--scenario", choices=["nonstream", "stream"], default="nonstream")
+    parser.add_argument("--duration-s", type=float, default=8.0, help="measured s per run")
+    parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured s per run")
+    parser.add_argument("--capacity-rps", type=float,
+                        help="skip the closed-loop capacity measurement and use this R")
+    parser.add_argument("--factor", type=float, default=2.0, help="overload as a multiple of R")
+    parser.add_argument("--arrival", choices=["uniform", "poisson"], default="uniform",
+                        help="evenly spaced arrivals (default) or Poisson")
+    parser.add_argument("--max-connections", type=int, default=2000,
+                        help="open connections the generator may hold")
+    parser.add_argument("--preconnect", type=int, default=100,
+                        help="keep-alive connections opened before the first arrival")
+    parser.add_argument("--timeout-s", type=float, default=30.0,
+                        help="per request, from its scheduled time")
+    parser.add_argument("--json", dest="json_out", help="also write the results here")
+    return parser.parse_args(argv)
+
+
+def measure_capacity(target: Target, args: argparse.Namespace) -> float:
+    """Closed-loop req/s at concurrency 50, the same cell ``python -m loadtest.bench`` runs."""
+    cell = run_cell(target, args.scenario, CAPACITY_CONCURRENCY, args)
+    print(f"capacity: closed loop c={CAPACITY_CONCURRENCY}: {cell.rps:,.1f} req/s"
+          f"  p50 {cell.p50_ms:.1f} ms  p99 {cell.p99_ms:.1f} ms  errors {cell.errors}"
+          f"  gen {100 * cell.gen_cpu_share:.0f}%", flush=True)
+    if cell.errors:
+        print(f"  capacity errors: {'; '.join(cell.error_samples)}", flush=True)
+    return cell.rps
+
+
+def run_open_loop(target: Target, rate: float, args: argparse.Namespace) -> dict[str, Any]:
+    request = build_request(target.host, target.port, f"{target.prefix}/chat/completions",
+                            target.key, request_body(args.scenario, target.model))
+    spec = {
+        "host": target.host, "port": target.port, "request": request.decode("latin-1"),
+        "rate_rps": rate, "duration_s": args.duration_s, "warmup_s": args.warmup_s,
+        "arrival": args.arrival, "max_connections": args.max_connections,
+        "timeout_s": args.timeout_s, "watch": target.watch, "preconnect": args.preconnect,
+    }
+    budget = args.warmup_s + args.duration_s + args.timeout_s + 60
+    done = subprocess.run(
+        [sys.executable, "-m", "loadtest.bench.openloop", json.dumps(spec)],
+        capture_output=True, timeout=budget, check=False,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"open-loop generator failed: {done.stderr.decode()[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout)
+    return result
+
+
+def _n(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or math.isnan(value) else f"{value:,.{digits}f}"
+
+
+_COLUMNS = (("load", 5), ("offered", 8), ("sent/s", 8), ("ok/s", 8), ("shed/s", 8),
+            ("err", 5), ("genlim", 6), ("p50ms", 7), ("p90ms", 7), ("p99ms", 8),
+            ("maxms", 8), ("ref50", 6), ("ref99", 6), ("r-a%", 5), ("gen%", 5),
+            ("gw%", 5), ("mock%", 5), ("pg%", 5), ("conns", 5), ("new", 5), (">1s", 4))
+
+
+def format_rows(rows: list[tuple[float, dict[str, Any]]]) -> str:
+    header = " ".join(name.rjust(width) for name, width in _COLUMNS)
+    lines = [header, "-" * len(header)]
+    for factor, r in rows:
+        cpu = r["process_cpu_share"]
+        share = r["retry_after_share"]
+        values = (
+            f"{factor:g}x", _n(r["offered_rps"]), _n(r["achieved_rps"]), _n(r["accepted_rps"]),
+            _n(r["shed_rps"]), str(r["errors"]), str(r["gen_limited"]),
+            _n(r["accepted_p50_ms"]), _n(r["accepted_p90_ms"]), _n(r["accepted_p99_ms"]),
+            _n(r["accepted_max_ms"]), _n(r["refusal_p50_ms"]), _n(r["refusal_p99_ms"]),
+            _n(None if share is None else 100 * share, 0), _n(100 * r["gen_cpu_share"], 0),
+            *(_n(100 * cpu[k], 0) if k in cpu else "-" for k in ("gateway", "mock", "postgres")),
+            str(r["peak_open_connections"]), str(r["new_connections"]),
+            str(r["connects_over_1s"]),
+        )
+        lines.append(" ".join(v.rjust(w) for v, (_, w) in zip(values, _COLUMNS, strict=True)))
+    return "\n".join(lines)
+
+
+def verdict(base: dict[str, Any], over: dict[str, Any], factor: float) -> list[str]:
+    """The verdict lines; the last one is PASS or FAIL for the target."""
+    p99_1, p99_2 = base["accepted_p99_ms"], over["accepted_p99_ms"]
+    ratio = p99_2 / p99_1 if p99_1 and p99_2 is not None else math.nan
+    sent = over["sent"] or 1
+    shed_share = over["shed"] / sent
+    refusals = over["shed"]
+    all_retry = refusals == 0 or over["retry_after_share"] == 1.0
+    errors_ok = over["errors"] <= ERROR_LIMIT * sent
+    gen_busy = max(base["gen_cpu_share"], over["gen_cpu_share"]) > GEN_CPU_LIMIT
+    gen_limited = base["gen_limited"] + over["gen_limited"]
+    lines = [
+        f"p99 accepted at {factor:g}x / p99 at 1x = {_n(ratio, 2)} (target <= "
+        f"{P99_RATIO_TARGET:g})   [{_n(p99_2)} ms / {_n(p99_1)} ms]",
+        f"shed at {factor:g}x: {100 * shed_share:.1f}% of {over['sent']} requests sent"
+        f" ({refusals} refusals: {over['refusal_kinds'] or 'none'});"
+        f" at 1x: {base['shed']} of {base['sent']}",
+        "every refusal carried retry-after: "
+        + ("yes" if all_retry else f"NO ({_n(100 * (over['retry_after_share'] or 0), 1)}%)")
+        + ("" if refusals else " (no refusals at all)"),
+        f"errors at {factor:g}x: {over['errors']} ({over['timeouts']} timeouts; outside the"
+        f" window {base['outside_window_timeouts']} at 1x, {over['outside_window_timeouts']}"
+        f" at {factor:g}x)"
+        + (f": {'; '.join(over['error_samples'])}" if over["errors"] else ""),
+        f"generator CPU {100 * base['gen_cpu_share']:.0f}% / {100 * over['gen_cpu_share']:.0f}%"
+        f" of a core: " + ("over 60%, the generator may be the limit" if gen_busy
+                           else "under 60%, not the limit")
+        + f"; {gen_limited} arrivals generator-limited"
+        + (f" (all {_peak_conns(base, over)} connections were busy connecting or"
+           " waiting for an answer: the server held them)" if gen_limited else ""),
+    ]
+    few = min(base["accepted"], over["accepted"])
+    if few < 100:
+        lines.append(f"note: only {few} accepted requests in a run: its p99 is about its max")
+    base_bad = base["shed"] + base["errors"] + base["gen_limited"]
+    if base_bad > 0.05 * (base["scheduled"] or 1):
+        lines.append(f"note: at 1x R the gateway already refused, failed or held {base_bad} of"
+                     f" {base['scheduled']} arrivals: the baseline p99 is not a healthy"
+                     " 'at capacity' figure, so the ratio says little")
+    if not refusals and over["accepted_rps"] >= 0.95 * over["offered_rps"]:
+        lines.append(f"note: the gateway accepted nearly all of {factor:g}x R: R was not its"
+                     " capacity (given too low, or closed-loop c=50 underestimates it)")
+    limited_ok = gen_limited <= ERROR_LIMIT * (base["scheduled"] + over["scheduled"])
+    passed = ratio <= P99_RATIO_TARGET and all_retry and errors_ok and limited_ok
+    lines.append(("PASS" if passed else "FAIL") + f": needs p99 ratio <= {P99_RATIO_TARGET:g}"
+                 f" ({_n(ratio, 2)}), every refusal with retry-after ({all_retry}), errors"
+                 f" <= {100 * ERROR_LIMIT:g}% of arrivals ({errors_ok}), generator-limited"
+                 f" <= {100 * ERROR_LIMIT:g}% ({limited_ok})")
+    return lines
+
+
+def _peak_conns(*runs: dict[str, Any]) -> int:
+    return max(int(r["peak_open_connections"]) for r in runs)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    workdir = reachable_tmp_dir("airgate-overload-")
+    with ExitStack() as stack:
+        mock = start_mock(workdir)
+        stack.callback(mock.stop)
+        gateway = start_gateway(workdir, mock.url)
+        stack.callback(shutil.rmtree, gateway.data_dir, True)
+        stack.callback(gateway.stop)
+        watch = {"gateway": gateway.server.pid, "mock": mock.pid}
+        postmaster = gateway.postmaster_pid()
+        if postmaster is not None:
+            watch["postgres+tree"] = postmaster
+        print(f"mock {mock.url} (pid {mock.pid}), gateway {gateway.server.url}"
+              f" (pid {gateway.server.pid}, postgres {postmaster}); scenario {args.scenario}"
+              f" {SCENARIOS[args.scenario]['mock']}", flush=True)
+        target = Target("gateway", "127.0.0.1", gateway.server.port, "/v1", gateway.api_key,
+                        MODEL, watch, "gateway")
+        capacity = args.capacity_rps or measure_capacity(target, args)
+        print(f"capacity R = {capacity:,.1f} req/s", flush=True)
+        rows: list[tuple[float, dict[str, Any]]] = []
+        for factor in (1.0, args.factor):
+            result = run_open_loop(target, factor * capacity, args)
+            rows.append((factor, result))
+            print(f"  {factor:g}x R = {factor * capacity:,.1f}/s: accepted"
+                  f" {result['accepted_rps']:,.1f}/s, shed {result['shed_rps']:,.1f}/s,"
+                  f" errors {result['errors']}, p99 {_n(result['accepted_p99_ms'])} ms,"
+                  f" drained in {result['drain_s']:.1f} s", flush=True)
+    print(f"\nopen loop, {args.arrival} arrivals, {args.duration_s:g} s measured after"
+          f" {args.warmup_s:g} s warm-up; latency from each arrival's scheduled time to its last"
+          " byte; ref = time to refusal; r-a% = refusals carrying retry-after; CPU as % of"
+          " one core; conns = peak open, new = opened in the window, >1s = of those, connects"
+          " that took a second or more (SYN dropped at a full listen backlog)\n")
+    print(format_rows(rows))
+    print()
+    print("\n".join(verdict(rows[0][1], rows[1][1], args.factor)))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(
+            {"capacity_rps": capacity, "runs": [{"factor": f, **r} for f, r in rows]}, indent=2))
+    if any(r["errors"] for _, r in rows):
+        print(f"server logs kept in {workdir}")
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
