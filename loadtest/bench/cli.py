@@ -140,7 +140,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
     cell = Cell(
         scenario=scenario, concurrency=concurrency, target=target.name,
         rps=raw["completed"] / raw["window_s"], completed=raw["completed"],
-        errors=raw["errors"], window_s=raw["window_s"],
+        errors=raw["errors"], shed=raw.get("shed", 0), window_s=raw["window_s"],
         p50_ms=raw["p50_ms"] or nan, p99_ms=raw["p99_ms"] or nan,
         ttfb_p50_ms=raw["ttfb_p50_ms"] or nan, ttfb_p99_ms=raw["ttfb_p99_ms"] or nan,
         gen_cpu_s=raw["gen_cpu_s"], peak_rss_mib=raw["peak_rss_mib"],

@@ -54,6 +54,9 @@ class Spec:
     # name -> pid; names ending in "+tree" also count the process's children.
     watch: dict[str, int] = field(default_factory=dict)
     rss_pid: int | None = None
+    # A refusal with retry-after (429/503) is waited out and counted as shed, as the
+    # openai SDK does; False counts it as an error and sends again at once.
+    honour_retry_after: bool = True
 
 
 @dataclass
@@ -63,6 +66,7 @@ class _Tally:
     latencies: list[float] = field(default_factory=list)
     ttfbs: list[float] = field(default_factory=list)
     errors: int = 0
+    shed: int = 0  # 429/503 with retry-after: waited out, as the openai SDK does
     samples: dict[str, int] = field(default_factory=dict)
     connected: int = 0
     # Worker id -> when its current request was sent (absent while not in a request).
@@ -131,10 +135,25 @@ def chunked_end(buf: bytes | bytearray, pos: int, skip: int) -> tuple[int, int, 
         skip = chunk + 2
 
 
+def retry_after_of(head: bytes) -> float | None:
+    """The ``retry-after`` header's seconds, if the head has one."""
+    lower = head.lower()
+    at = lower.find(b"\r\nretry-after:")
+    if at < 0:
+        return None
+    end = lower.find(b"\r\n", at + 2)
+    try:
+        return float(lower[at + 14 : end if end >= 0 else len(lower)])
+    except ValueError:
+        return None
+
+
 async def _exchange(
     stream: trio.SocketStream, request: bytes, sent_at: float
-) -> tuple[int, float, bool, bytes]:
-    """Send the request, read its response; (status, ttfb, close, body head for errors)."""
+) -> tuple[int, float, bool, bytes, float | None]:
+    """Send the request, read its response.
+
+    Returns (status, ttfb, close, body head for errors, retry-after on 429/503)."""
     await stream.send_all(request)
     buf = bytearray()
     while True:
@@ -147,7 +166,9 @@ async def _exchange(
         end = buf.find(b"\r\n\r\n")
         if end >= 0:
             break
-    status, length, chunked, close = parse_head(bytes(buf[:end]))
+    head = bytes(buf[:end])
+    status, length, chunked, close = parse_head(head)
+    retry_after = retry_after_of(head) if status in (429, 503) else None
     pos = end + 4
     ttfb = time.perf_counter() - sent_at if len(buf) > pos else -1.0
     if chunked:
@@ -162,7 +183,7 @@ async def _exchange(
             del buf[:pos]
             buf += data
             pos, skip, done = chunked_end(buf, 0, skip)
-        return status, ttfb, close, b""
+        return status, ttfb, close, b"", retry_after
     if length is None:
         raise _ProtocolError("response without length")
     have = len(buf) - pos
@@ -176,7 +197,7 @@ async def _exchange(
         if status != 200 and len(body_head) < 200:
             body_head += data[: 200 - len(body_head)]
         have += len(data)
-    return status, ttfb, close, body_head
+    return status, ttfb, close, body_head, retry_after
 
 
 async def _worker(
@@ -205,9 +226,11 @@ async def _worker(
                 continue
         sent_at = tally.in_flight[ident] = time.perf_counter()
         close = True
+        wait_s = 0.0
         with trio.move_on_after(spec.timeout_s) as scope:
             try:
-                status, ttfb, close, body = await _exchange(stream, spec.request, sent_at)
+                status, ttfb, close, body, retry_after = await _exchange(
+                    stream, spec.request, sent_at)
             except _ClosedEarly:
                 if not fresh:  # a kept-alive connection the server had just closed: redo
                     await stream.aclose()
@@ -218,7 +241,11 @@ async def _worker(
                 tally.error(f"{type(exc).__name__}: {exc}", time.perf_counter())
             else:
                 now = time.perf_counter()
-                if status != 200:
+                if retry_after is not None and spec.honour_retry_after:
+                    if tally.in_window(now):
+                        tally.shed += 1
+                    wait_s = min(retry_after, 10.0)
+                elif status != 200:
                     tally.error(f"status {status} {body[:120]!r}", now)
                 elif tally.in_window(now):
                     tally.latencies.append(now - sent_at)
@@ -230,6 +257,8 @@ async def _worker(
         if close and stream is not None:
             await stream.aclose()
             stream = None
+        if wait_s:
+            await trio.sleep(wait_s)
 
 
 def _cpu_self() -> float:
@@ -284,6 +313,7 @@ async def run_load(spec: Spec) -> dict[str, Any]:
     return {
         "completed": len(tally.latencies),
         "errors": tally.errors,
+        "shed": tally.shed,
         "error_samples": [f"{n}x {what}" for what, n in tally.samples.items()],
         "window_s": window,
         "p50_ms": 1000 * percentile(tally.latencies, 50),

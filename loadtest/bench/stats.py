@@ -110,6 +110,7 @@ class Cell:
     # CPU seconds in the window per watched process name ("mock", "gateway", "postgres").
     process_cpu_s: dict[str, float] = field(default_factory=dict)
     error_samples: list[str] = field(default_factory=list)
+    shed: int = 0  # refusals with retry-after, waited out by the generator
     # Requests still unanswered when the window closed (not in the percentiles).
     unfinished: int = 0
     unfinished_older_than_window: int = 0
@@ -152,7 +153,7 @@ _COLUMNS: Final = (
     ("scenario", 9), ("conc", 5), ("target", 8), ("req/s", 9), ("/direct", 7),
     ("/relay", 6), ("p50ms", 7), ("p99ms", 7), ("+p50", 6), ("+p99", 6),
     ("ttfb50", 7), ("ttfb99", 7), ("+ttfb50", 7), ("+ttfb99", 7), ("cpu-ms/req", 10),
-    ("rssMiB", 6), ("gen%", 5), ("err", 5),
+    ("rssMiB", 6), ("gen%", 5), ("err", 5), ("shed", 5),
 )
 
 
@@ -180,7 +181,7 @@ def format_table(cells: Sequence[Cell]) -> str:
             _num(c.ttfb_p50_ms), _num(c.ttfb_p99_ms),
             _delta(c.ttfb_p50_ms, direct.ttfb_p50_ms if direct else None),
             _delta(c.ttfb_p99_ms, direct.ttfb_p99_ms if direct else None),
-            _num(c.cpu_ms_per_req, 2), _num(c.peak_rss_mib, 0), gen, str(c.errors),
+            _num(c.cpu_ms_per_req, 2), _num(c.peak_rss_mib, 0), gen, str(c.errors), str(c.shed),
         )
         lines.append(
             " ".join(v.rjust(width) for v, (_, width) in zip(values, _COLUMNS, strict=True))

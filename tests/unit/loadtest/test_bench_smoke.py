@@ -14,10 +14,11 @@ def test_quick_benchmark_prints_rows_without_errors() -> None:
     )
     assert done.returncode == 0, done.stderr
     rows = [line.split() for line in done.stdout.splitlines()
-            if line.split()[:1] == ["nonstream"] and len(line.split()) == 18]
+            if line.split()[:1] == ["nonstream"] and len(line.split()) == 19]
     assert [(r[1], r[2]) for r in rows] == [
         ("1", "direct"), ("1", "relay"), ("10", "direct"), ("10", "relay")]
     for row in rows:
         assert float(row[3].replace(",", "")) > 0, row  # requests/s
         assert row[17] == "0", row  # errors
+        assert row[18] == "0", row  # shed
     assert "some cells had errors" not in done.stdout

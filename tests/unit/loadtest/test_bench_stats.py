@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from loadtest.bench.loadgen import build_request, chunked_end, parse_head
+from loadtest.bench.loadgen import build_request, chunked_end, parse_head, retry_after_of
 from loadtest.bench.stats import (
     Cell,
     format_table,
@@ -136,3 +136,10 @@ def test_table_without_a_direct_cell_prints_dashes() -> None:
     line = format_table([_cell("gateway", 400, 16.5)]).splitlines()[2].split()
     assert line[4:6] == ["-", "-"]
     assert line[14] == "-"
+
+
+def test_retry_after_of() -> None:
+    head = b"HTTP/1.1 429 Too Many Requests\r\ncontent-length: 5\r\nRetry-After: 2"
+    assert retry_after_of(head) == 2.0
+    assert retry_after_of(b"HTTP/1.1 429 X\r\nretry-after: soon\r\nx: y") is None
+    assert retry_after_of(b"HTTP/1.1 503 X\r\ncontent-length: 0") is None
