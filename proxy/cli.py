@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import resource
 import sys
 from functools import partial
 from typing import Any
@@ -33,6 +35,17 @@ def _settings(args: argparse.Namespace) -> Settings:
     return load_settings(overrides, config_file=args.config)
 
 
+def _raise_open_files_limit() -> None:
+    """Lift the soft limit on open files to the hard one: every open stream holds two
+    sockets (the client's and its upstream's), and 1024 is a common default."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        except (ValueError, OSError) as exc:
+            logging.getLogger("airgate").warning("open-files limit stays %s: %s", soft, exc)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="airgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +70,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"airgate: invalid settings: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
     configure_logging(settings.log_level)
+    if args.command in ("serve", "demo"):
+        _raise_open_files_limit()
     if args.command == "serve" and settings.workers > 1:
         from proxy.supervisor import run_workers
 
