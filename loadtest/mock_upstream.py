@@ -247,23 +247,28 @@ class MockUpstream:
     async def _stream(self, receive: Receive, send: Send, segments: list[Segment]) -> None:
         complete = segments[-1][1][-1] == _DONE if segments else False
         self.stats.active_streams += 1
+        delivered = False  # every event was handed over: the client may hang up now
         try:
 
             async def pump() -> None:
+                nonlocal delivered
                 await send(_SSE_START)
                 for delay_s, parts in segments:
                     if delay_s > 0:
                         await trio.sleep(delay_s)
                     body = b"".join(parts)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
+                delivered = True
                 if complete:
+                    # Over a real socket hypercorn may report the client's hang-up while
+                    # this last send is in flight; the stream was complete all the same.
                     await send(_END)
 
             if len(segments) <= 1:
                 await pump()
                 finished = True
             else:
-                finished = await _unless_disconnected(receive, pump)
+                finished = await _unless_disconnected(receive, pump) or delivered
             if not finished:
                 self.stats.disconnected_streams += 1
             elif complete:

@@ -25,6 +25,7 @@ import httpx
 
 MODEL = "gpt-4o-mini"
 UPSTREAM_KEY = "mock-bench"
+MAX_KEY_CONCURRENCY = 10_000  # the admin API's ceiling for one upstream key
 
 
 class BenchSetupError(Exception):
@@ -139,17 +140,22 @@ def reachable_tmp_dir(prefix: str) -> Path:
     return path
 
 
-def start_gateway(workdir: Path, mock_url: str, workers: int = 1) -> Gateway:
+def start_gateway(workdir: Path, mock_url: str, workers: int = 1, *,
+                  max_concurrency: int = 2000,
+                  settings: dict[str, str] | None = None) -> Gateway:
     """``python -m proxy.cli serve`` with its own embedded Postgres, provisioned over HTTP.
 
     With ``workers`` > 1 the measured pid is the supervisor's: its CPU and RSS figures
-    then leave out the worker processes (requests/s and latencies are unaffected)."""
+    then leave out the worker processes (requests/s and latencies are unaffected).
+    ``max_concurrency`` is the mock upstream key's; ``settings`` are extra ``AIRGATE_*``
+    environment variables (e.g. ``{"AIRGATE_MAX_WAITING_REQUESTS": "20000"}``)."""
     port = free_port()
     data_dir = reachable_tmp_dir("airgate-bench-db-")
     admin = {"email": "bench-admin@airgate.local", "password": secrets.token_hex(12)}
     env = {k: v for k, v in os.environ.items() if not k.startswith("AIRGATE_")}
     env.update(AIRGATE_ADMIN_EMAIL=admin["email"], AIRGATE_ADMIN_PASSWORD=admin["password"],
                AIRGATE_SHUTDOWN_GRACE_S="5", AIRGATE_LOG_LEVEL="warning")
+    env.update(settings or {})
     server = start_server(
         "gateway",
         ["-m", "proxy.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
@@ -158,7 +164,7 @@ def start_gateway(workdir: Path, mock_url: str, workers: int = 1) -> Gateway:
     )
     gateway = Gateway(server, data_dir, admin=admin)
     try:
-        gateway.api_key = provision(server.url, mock_url, admin)
+        gateway.api_key = provision(server.url, mock_url, admin, max_concurrency)
     except BaseException:
         gateway.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
@@ -176,14 +182,20 @@ def _call(client: httpx.Client, path: str, body: dict[str, Any] | None = None,
     return result
 
 
-def provision(base: str, mock_url: str, admin: dict[str, str]) -> str:
-    """Upstream key at the mock, a bench user with a huge token coupon; its sk- key."""
+def provision(base: str, mock_url: str, admin: dict[str, str],
+              max_concurrency: int = 2000) -> str:
+    """Upstream key at the mock, a bench user with a huge token coupon; its sk- key.
+
+    The admin API takes at most ``MAX_KEY_CONCURRENCY`` per key: above that, several keys
+    (all at the mock) share ``max_concurrency``."""
     with httpx.Client(base_url=base, timeout=30) as client:
         admin_token = _call(client, "/api/admin/login", admin)["token"]
-        _call(client, "/api/admin/upstream-keys", {
-            "name": "bench mock", "base_url": mock_url + "/v1", "api_key": UPSTREAM_KEY,
-            "models": [MODEL], "max_concurrency": 2000,
-        }, admin_token)
+        for first in range(0, max_concurrency, MAX_KEY_CONCURRENCY):
+            _call(client, "/api/admin/upstream-keys", {
+                "name": f"bench mock {first // MAX_KEY_CONCURRENCY or ''}".strip(),
+                "base_url": mock_url + "/v1", "api_key": UPSTREAM_KEY, "models": [MODEL],
+                "max_concurrency": min(MAX_KEY_CONCURRENCY, max_concurrency - first),
+            }, admin_token)
         user = {"email": f"bench-{secrets.token_hex(4)}@airgate.local",
                 "password": secrets.token_hex(12)}
         token = _call(client, "/api/auth/register", user)["token"]

@@ -1,0 +1,255 @@
+"""The many-open-streams generator: one long streaming request per connection.
+
+Each stream has its own connection (raw trio socket, HTTP/1.1): it starts at its slot of
+the ramp, sends the request once, reads the status line and then the chunked body to its
+end, decoding only the chunk framing and looking for ``data: [DONE]`` and in-stream
+``{"error"`` events. Open means "a 200 head arrived and the body has not ended". The
+number open is recorded at fixed ticks (wall clock from ``start_at``) so that the
+parent can add up several generator processes tick by tick.
+
+Run by :mod:`loadtest.bench.streams` as ``python -m loadtest.bench.streamgen SPEC_JSON``;
+prints one JSON object. Must not import ``proxy``, ``workers`` or ``store``.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from loadtest.bench.loadgen import parse_head
+from loadtest.bench.stats import percentile
+
+_READ = 65536
+_DONE = b"data: [DONE]"
+_ERROR = b'data: {"error"'
+_TAIL = 32  # payload bytes kept between reads, so a marker split across reads is found
+OK = "ok"
+
+
+@dataclass
+class Spec:
+    host: str
+    port: int
+    request: bytes
+    first: int  # this process opens streams first, first + step, ... below total
+    step: int
+    total: int
+    ramp_s: float
+    start_at: float  # time.time() of the ramp's start, shared by every generator
+    tick_s: float
+    timeout_s: float
+    connect_parallel: int
+
+
+@dataclass
+class _Tally:
+    open_now: int = 0
+    peak_open: int = 0
+    running: int = 0
+    outcomes: dict[str, int] = field(default_factory=dict)
+    samples: list[str] = field(default_factory=list)
+    connect_s: list[float] = field(default_factory=list)  # its ramp slot -> connected
+    head_s: list[float] = field(default_factory=list)  # request sent -> 200 head
+    duration_s: list[float] = field(default_factory=list)  # request sent -> end, OK ones
+    series: list[int] = field(default_factory=list)
+    failed_at: list[float] = field(default_factory=list)  # time.time() of each failure
+
+    def outcome(self, what: str, detail: str = "") -> None:
+        self.outcomes[what] = self.outcomes.get(what, 0) + 1
+        if what != OK:
+            self.failed_at.append(time.time())
+        if what != OK and len(self.samples) < 5:
+            self.samples.append(f"{what}: {detail}" if detail else what)
+
+
+class Dechunker:
+    """Incremental decoder of HTTP/1.1 chunked framing; ``feed`` returns payload bytes."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._left = 0  # bytes of the current chunk's data still to come
+        self.finished = False
+
+    def feed(self, data: bytes) -> bytes:
+        buf = self._buf
+        buf += data
+        out = bytearray()
+        pos = 0
+        while not self.finished:
+            if self._left:
+                take = min(self._left, len(buf) - pos)
+                out += buf[pos : pos + take]
+                pos += take
+                self._left -= take
+                if self._left:
+                    break
+                continue
+            eol = buf.find(b"\r\n", pos)
+            if eol < 0:
+                break
+            line = bytes(buf[pos:eol]).split(b";", 1)[0].strip()
+            pos = eol + 2
+            if not line:  # the CRLF that closes a chunk's data
+                continue
+            size = int(line, 16)
+            if size == 0:
+                self.finished = True  # trailers, if any, are not read
+            self._left = size
+        del buf[:pos]
+        return bytes(out)
+
+
+@dataclass
+class _Progress:
+    """How far one stream got, for the failure reports."""
+
+    sent: float = 0.0
+    phase: str = "sending the request"
+    reads: int = 0
+
+    def where(self) -> str:
+        return f"{self.phase}, {time.perf_counter() - self.sent:.1f} s after sending"
+
+
+async def _read_stream(stream: trio.SocketStream, request: bytes, tally: _Tally,
+                       progress: _Progress) -> str:
+    """Send the request and read the response to its end; the outcome (OK or why not)."""
+    sent = progress.sent = time.perf_counter()
+    await stream.send_all(request)
+    progress.phase = "waiting for the head"
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        data = await stream.receive_some(_READ)
+        if not data:
+            return "closed before the response head"
+        buf += data
+    status, length, chunked, _ = parse_head(bytes(buf[:end]))
+    rest = bytes(buf[end + 4 :])
+    if status != 200 or not chunked:
+        with trio.move_on_after(2):  # the start of the error body, for the report
+            while len(rest) < min(length or 300, 300) and (
+                    data := await stream.receive_some(_READ)):
+                rest += data
+        tally.outcome(f"status {status}", rest[:200].decode(errors="replace"))
+        return ""
+    tally.head_s.append(time.perf_counter() - sent)
+    progress.phase = "in the body"
+    tally.open_now += 1
+    tally.peak_open = max(tally.peak_open, tally.open_now)
+    try:
+        body = Dechunker()
+        tail, seen_done, error = b"", False, b""
+        data = rest
+        while True:
+            payload = tail + body.feed(data)
+            if not seen_done and _DONE in payload:
+                seen_done = True
+            if not error and (at := payload.find(_ERROR)) >= 0:
+                error = payload[at : at + 200]
+            tail = payload[-_TAIL:]
+            if body.finished:
+                break
+            data = await stream.receive_some(_READ)
+            progress.reads += 1
+            if not data:
+                return "cut (eof before the end of the body)" + (
+                    " after [DONE]" if seen_done else "")
+    finally:
+        tally.open_now -= 1
+    if error:
+        tally.outcome("error event in the stream", error.decode(errors="replace"))
+        return ""
+    if not seen_done:
+        return "ended without data: [DONE]"
+    tally.duration_s.append(time.perf_counter() - sent)
+    return OK
+
+
+async def _one(spec: Spec, tally: _Tally, index: int, limiter: trio.Semaphore) -> None:
+    start = spec.start_at + spec.ramp_s * index / max(spec.total, 1)
+    await trio.sleep(max(0.0, start - time.time()))
+    try:
+        async with limiter:
+            stream = await trio.open_tcp_stream(spec.host, spec.port)
+    except OSError as exc:
+        tally.outcome("connect failed", str(exc))
+        return
+    tally.connect_s.append(time.time() - start)
+    progress = _Progress(sent=time.perf_counter())
+    try:
+        with trio.move_on_after(spec.timeout_s) as scope:
+            try:
+                what = await _read_stream(stream, spec.request, tally, progress)
+            except (OSError, trio.BrokenResourceError) as exc:
+                cause = exc.__cause__ or exc
+                what = f"connection error ({type(cause).__name__}) {progress.phase}"
+            except ValueError as exc:
+                what = f"bad framing ({exc})"
+        if scope.cancelled_caught:
+            what = f"timeout {progress.phase}"
+        if what:
+            tally.outcome(what, f"{progress.where()}, {progress.reads} body reads")
+    finally:
+        await stream.aclose()
+
+
+async def _ticker(spec: Spec, tally: _Tally) -> None:
+    """``open_now`` at start_at + k * tick_s, while any stream of ours is running."""
+    k = 0
+    while tally.running:
+        await trio.sleep(max(0.0, spec.start_at + k * spec.tick_s - time.time()))
+        tally.series.append(tally.open_now)
+        k += 1
+
+
+async def run(spec: Spec) -> dict[str, Any]:
+    tally = _Tally()
+    limiter = trio.Semaphore(spec.connect_parallel)
+    indices = range(spec.first, spec.total, spec.step)
+    tally.running = len(indices)
+
+    async def one(index: int) -> None:
+        try:
+            await _one(spec, tally, index, limiter)
+        finally:
+            tally.running -= 1
+
+    async with trio.open_nursery() as nursery:
+        for index in indices:
+            nursery.start_soon(one, index)
+        nursery.start_soon(_ticker, spec, tally)
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    ms = [1000 * v for v in tally.head_s]
+    connect_ms = [1000 * v for v in tally.connect_s]
+    return {
+        "streams": len(indices), "start_at": spec.start_at,
+        "outcomes": tally.outcomes, "samples": tally.samples,
+        "peak_open": tally.peak_open, "series": tally.series, "failed_at": tally.failed_at,
+        "head_ms": [percentile(ms, 50), percentile(ms, 99), max(ms, default=0.0)],
+        "connect_ms": [percentile(connect_ms, 50), percentile(connect_ms, 99),
+                       max(connect_ms, default=0.0)],
+        "duration_s": [percentile(tally.duration_s, 50), max(tally.duration_s, default=0.0)],
+        "cpu_s": usage.ru_utime + usage.ru_stime, "max_rss_kib": usage.ru_maxrss,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    raw = json.loads((argv if argv is not None else sys.argv[1:])[0])
+    raw["request"] = raw["request"].encode("latin-1")
+    spec = Spec(**raw)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    need = len(range(spec.first, spec.total, spec.step)) + 64
+    if soft < need <= hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    result = trio.run(run, spec)
+    print(json.dumps(result, default=lambda v: None))
+
+
+if __name__ == "__main__":
+    main()
