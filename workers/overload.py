@@ -7,7 +7,9 @@ late it wakes (the scheduler's lag). While the smoothed lag is above ``threshold
 limit on requests in flight shrinks below what is in flight (x0.9 per sample), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
 parsing) and the requests already accepted keep their latency; while the lag is below
-half the threshold the limit grows back (+5 % per sample) until it no longer binds.
+half the threshold the limit grows back (+5 % per sample) until it no longer binds. A
+single long stall (a garbage collection) counts for at most twice the threshold, so it
+alone never shrinks the limit: overload is being late sample after sample.
 The limit never falls below ``min_limit``, so the gateway always makes progress even
 when refusing costs all the CPU. Open streams that only wait on their upstream cost no
 CPU and do not raise the lag: ten thousand idle streams are let in, a few hundred busy
@@ -57,7 +59,12 @@ class Admission:
         self.inflight -= 1
 
     def observe(self, lag_s: float) -> None:
-        """Fold one lag sample in and move the limit."""
+        """Fold one lag sample in and move the limit.
+
+        A sample counts for at most twice the threshold: one long stall (a garbage
+        collection, a slow disk write) is not overload; being late sample after sample is.
+        """
+        lag_s = min(lag_s, 2 * self.threshold_s)
         self.lag_s += _SMOOTHING * (lag_s - self.lag_s)
         if self.lag_s > self.threshold_s:
             self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
