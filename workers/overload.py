@@ -4,7 +4,8 @@ Owns :class:`Admission`. A CPU-bound gateway does not queue requests anywhere vi
 every accepted request becomes one more runnable task, and each pass of the scheduler
 takes longer for all of them. A monitor task sleeps in short steps and measures how
 late it wakes (the scheduler's lag). While the smoothed lag is above ``threshold_s`` the
-limit on requests in flight shrinks below what is in flight (x0.9 per sample), so new
+limit on requests in flight shrinks below what is in flight (x0.9 per sample; the
+average weighs the newest sample 0.1, so it takes ~10 late samples in a row), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
 parsing) and the requests already accepted keep their latency; while the lag is below
 half the threshold the limit grows back (+5 % per sample) until it no longer binds. A
@@ -12,7 +13,7 @@ single long stall (a garbage collection) counts for at most twice the threshold,
 alone never shrinks the limit: overload is being late sample after sample.
 The limit never falls below ``min_limit``, so the gateway always makes progress even
 when refusing costs all the CPU. Open streams that only wait on their upstream cost no
-CPU and do not raise the lag: ten thousand idle streams are let in, a few hundred busy
+CPU and do not raise the lag: thousands of idle streams are let in, a few hundred busy
 requests on a saturated core are not.
 """
 
@@ -23,7 +24,7 @@ import math
 import trio
 
 _STEP_S = 0.01  # how often the lag is sampled when the scheduler keeps up
-_SMOOTHING = 0.3  # weight of the newest sample in the moving average
+_SMOOTHING = 0.1  # weight of the newest sample in the moving average (~10 samples)
 _DECREASE = 0.9
 _INCREASE = 0.05
 _UNLIMITED_ABOVE = 1_000_000.0  # a limit grown past this is dropped altogether
