@@ -208,12 +208,9 @@ def main(argv: list[str] | None = None) -> None:
                 gateway = start_gateway(workdir, mock.url, args.gateway_workers)
                 stack.callback(shutil.rmtree, gateway.data_dir, True)
                 stack.callback(gateway.stop)
-                watch = {"gateway": gateway.server.pid, "mock": mock.pid}
-                postmaster = gateway.postmaster_pid()
-                if postmaster is not None:
-                    watch["postgres+tree"] = postmaster
+                watch = gateway.watch(mock)
                 print(f"gateway        {gateway.server.url}/v1  (pid {gateway.server.pid},"
-                      f" postgres {postmaster})", flush=True)
+                      f" postgres {gateway.postmaster_pid()})", flush=True)
                 targets.append(Target("gateway", "127.0.0.1", gateway.server.port, "/v1",
                                       gateway.api_key, MODEL, watch, "gateway"))
             else:

@@ -34,12 +34,15 @@ from loadtest.bench.stats import (
 _READ = 65536
 
 
-class _ProtocolError(Exception):
+class ProtocolError(Exception):
     pass
 
 
-class _ClosedEarly(Exception):
+class ClosedEarly(Exception):
     """The server closed the connection before any byte of the response."""
+
+    def __str__(self) -> str:
+        return "closed before the response"
 
 
 @dataclass
@@ -148,6 +151,19 @@ def retry_after_of(head: bytes) -> float | None:
         return None
 
 
+async def read_head(stream: trio.SocketStream) -> tuple[bytearray, int]:
+    """Read until the end of a response head: (the bytes so far, where the head ends)."""
+    buf = bytearray()
+    while (end := buf.find(b"\r\n\r\n")) < 0:
+        data = await stream.receive_some(_READ)
+        if not data:
+            if buf:
+                raise ProtocolError("eof in head")
+            raise ClosedEarly
+        buf += data
+    return buf, end
+
+
 async def _exchange(
     stream: trio.SocketStream, request: bytes, sent_at: float
 ) -> tuple[int, float, bool, bytes, float | None]:
@@ -155,17 +171,7 @@ async def _exchange(
 
     Returns (status, ttfb, close, body head for errors, retry-after on 429/503)."""
     await stream.send_all(request)
-    buf = bytearray()
-    while True:
-        data = await stream.receive_some(_READ)
-        if not data:
-            if buf:
-                raise _ProtocolError("eof in head")
-            raise _ClosedEarly
-        buf += data
-        end = buf.find(b"\r\n\r\n")
-        if end >= 0:
-            break
+    buf, end = await read_head(stream)
     head = bytes(buf[:end])
     status, length, chunked, close = parse_head(head)
     retry_after = retry_after_of(head) if status in (429, 503) else None
@@ -177,7 +183,7 @@ async def _exchange(
         while not done:
             data = await stream.receive_some(_READ)
             if not data:
-                raise _ProtocolError("eof in chunked body")
+                raise ProtocolError("eof in chunked body")
             if ttfb < 0:
                 ttfb = time.perf_counter() - sent_at
             del buf[:pos]
@@ -185,13 +191,13 @@ async def _exchange(
             pos, skip, done = chunked_end(buf, 0, skip)
         return status, ttfb, close, b"", retry_after
     if length is None:
-        raise _ProtocolError("response without length")
+        raise ProtocolError("response without length")
     have = len(buf) - pos
     body_head = bytes(buf[pos : pos + 200]) if status != 200 else b""
     while have < length:
         data = await stream.receive_some(_READ)
         if not data:
-            raise _ProtocolError("eof in body")
+            raise ProtocolError("eof in body")
         if ttfb < 0:
             ttfb = time.perf_counter() - sent_at
         if status != 200 and len(body_head) < 200:
@@ -231,13 +237,13 @@ async def _worker(
             try:
                 status, ttfb, close, body, retry_after = await _exchange(
                     stream, spec.request, sent_at)
-            except _ClosedEarly:
+            except ClosedEarly:
                 if not fresh:  # a kept-alive connection the server had just closed: redo
                     await stream.aclose()
                     stream = None
                     continue
                 tally.error("closed before response", time.perf_counter())
-            except (OSError, trio.BrokenResourceError, _ProtocolError, ValueError) as exc:
+            except (OSError, trio.BrokenResourceError, ProtocolError, ValueError) as exc:
                 tally.error(f"{type(exc).__name__}: {exc}", time.perf_counter())
             else:
                 now = time.perf_counter()
@@ -261,19 +267,19 @@ async def _worker(
             await trio.sleep(wait_s)
 
 
-def _cpu_self() -> float:
+def cpu_self() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
 
 
-def _sample(watch: dict[str, int]) -> dict[str, int | None]:
+def sample(watch: dict[str, int]) -> dict[str, int | None]:
     return {
         name: read_tree_cpu_ticks(pid) if name.endswith("+tree") else read_cpu_ticks(pid)
         for name, pid in watch.items()
     }
 
 
-def _raise_fd_limit(need: int) -> None:
+def raise_fd_limit(need: int) -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < need + 64:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
@@ -281,7 +287,7 @@ def _raise_fd_limit(need: int) -> None:
 
 async def run_load(spec: Spec) -> dict[str, Any]:
     """Connect, warm up, measure for ``duration_s``, then cancel whatever is in flight."""
-    _raise_fd_limit(spec.concurrency)
+    raise_fd_limit(spec.concurrency)
     tally = _Tally()
     go, connected = trio.Event(), trio.Event()
     async with trio.open_nursery() as nursery:
@@ -294,13 +300,13 @@ async def run_load(spec: Spec) -> dict[str, Any]:
             await connected.wait()
         go.set()
         await trio.sleep(spec.warmup_s)
-        before = _sample(spec.watch)
-        cpu0, tally.window_start = _cpu_self(), time.perf_counter()
+        before = sample(spec.watch)
+        cpu0, tally.window_start = cpu_self(), time.perf_counter()
         tally.window_end = tally.window_start + spec.duration_s
         await trio.sleep_until(trio.current_time() + spec.duration_s)
-        cpu1, now = _cpu_self(), time.perf_counter()
+        cpu1, now = cpu_self(), time.perf_counter()
         window = now - tally.window_start
-        after = _sample(spec.watch)
+        after = sample(spec.watch)
         # Requests still unanswered at the end are not in the percentiles; show them.
         pending = sorted(now - sent for sent in tally.in_flight.values())
         nursery.cancel_scope.cancel()

@@ -28,23 +28,21 @@ from typing import Any
 
 import trio
 
-from loadtest.bench.loadgen import _cpu_self, _raise_fd_limit, _sample, chunked_end, parse_head
+from loadtest.bench.loadgen import (
+    ClosedEarly,
+    ProtocolError,
+    chunked_end,
+    cpu_self,
+    parse_head,
+    raise_fd_limit,
+    read_head,
+    sample,
+)
 from loadtest.bench.stats import CLOCK_TICKS, percentile
 
 _READ = 65536
 _SHED = (429, 503)
 _CODE = re.compile(rb'"code"\s*:\s*"([^"]{1,60})"')
-
-
-class _ProtocolError(Exception):
-    pass
-
-
-class _ClosedEarly(Exception):
-    """The server closed the connection before any byte of the response."""
-
-    def __str__(self) -> str:
-        return "closed before the response"
 
 
 @dataclass
@@ -104,14 +102,7 @@ class _Tally:
 async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, bool, bool, bytes]:
     """Send, read the response to its end: (status, retry-after?, close, non-200 body head)."""
     await stream.send_all(request)
-    buf = bytearray()
-    while (end := buf.find(b"\r\n\r\n")) < 0:
-        data = await stream.receive_some(_READ)
-        if not data:
-            if buf:
-                raise _ProtocolError("eof in head")
-            raise _ClosedEarly
-        buf += data
+    buf, end = await read_head(stream)
     head = bytes(buf[:end])
     status, length, chunked, close = parse_head(head)
     retry_after = b"\r\nretry-after:" in head.lower()
@@ -121,19 +112,19 @@ async def _exchange(stream: trio.SocketStream, request: bytes) -> tuple[int, boo
         while not done:
             data = await stream.receive_some(_READ)
             if not data:
-                raise _ProtocolError("eof in chunked body")
+                raise ProtocolError("eof in chunked body")
             del buf[:pos]
             buf += data
             pos, skip, done = chunked_end(buf, 0, skip)
         return status, retry_after, close, b""
     if length is None:
-        raise _ProtocolError("response without length")
+        raise ProtocolError("response without length")
     body = bytes(buf[pos : pos + 200]) if status != 200 else b""
     have = len(buf) - pos
     while have < length:
         data = await stream.receive_some(_READ)
         if not data:
-            raise _ProtocolError("eof in body")
+            raise ProtocolError("eof in body")
         if status != 200 and len(body) < 200:
             body += data[: 200 - len(body)]
         have += len(data)
@@ -178,12 +169,12 @@ async def _arrival(spec: Spec, pool: _Pool, tally: _Tally, due: float) -> None:
                     try:
                         status, retry_after, close, body = await _exchange(stream, spec.request)
                         break
-                    except _ClosedEarly:
+                    except ClosedEarly:
                         if fresh:
                             raise
                         await trio.aclose_forcefully(stream)  # went stale while idle: redo
                         stream = None
-            except (_ClosedEarly, OSError, trio.BrokenResourceError, _ProtocolError,
+            except (ClosedEarly, OSError, trio.BrokenResourceError, ProtocolError,
                     ValueError) as exc:
                 tally.error(f"{type(exc).__name__}: {exc}")
             else:
@@ -245,7 +236,7 @@ async def _preconnect(spec: Spec, pool: _Pool) -> None:
 async def run_open_loop(spec: Spec) -> dict[str, Any]:
     if spec.arrival not in ("uniform", "poisson"):
         raise ValueError(f"arrival must be uniform or poisson, not {spec.arrival!r}")
-    _raise_fd_limit(spec.max_connections)
+    raise_fd_limit(spec.max_connections)
     pool = _Pool()
     await _preconnect(spec, pool)
     t0 = trio.current_time() + 0.05
@@ -255,9 +246,9 @@ async def run_open_loop(spec: Spec) -> dict[str, Any]:
     async with trio.open_nursery() as nursery:
         nursery.start_soon(_schedule, spec, pool, tally, scratch, t0, nursery)
         await trio.sleep_until(tally.window_start)
-        before, cpu0 = _sample(spec.watch), _cpu_self()
+        before, cpu0 = sample(spec.watch), cpu_self()
         await trio.sleep_until(tally.window_end)
-        cpu1, after = _cpu_self(), _sample(spec.watch)
+        cpu1, after = cpu_self(), sample(spec.watch)
         window = trio.current_time() - tally.window_start
         with trio.move_on_at(tally.window_end + spec.timeout_s + 2):
             await tally.drained.wait()

@@ -181,12 +181,10 @@ def main(argv: list[str] | None = None) -> None:
         gateway = start_gateway(workdir, mock.url)
         stack.callback(shutil.rmtree, gateway.data_dir, True)
         stack.callback(gateway.stop)
-        watch = {"gateway": gateway.server.pid, "mock": mock.pid}
-        postmaster = gateway.postmaster_pid()
-        if postmaster is not None:
-            watch["postgres+tree"] = postmaster
+        watch = gateway.watch(mock)
         print(f"mock {mock.url} (pid {mock.pid}), gateway {gateway.server.url}"
-              f" (pid {gateway.server.pid}, postgres {postmaster}); scenario {args.scenario}"
+              f" (pid {gateway.server.pid}, postgres {gateway.postmaster_pid()});"
+              f" scenario {args.scenario}"
               f" {SCENARIOS[args.scenario]['mock']}", flush=True)
         target = Target("gateway", "127.0.0.1", gateway.server.port, "/v1", gateway.api_key,
                         MODEL, watch, "gateway")

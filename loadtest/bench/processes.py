@@ -122,6 +122,14 @@ class Gateway:
         except (OSError, ValueError, IndexError):
             return None
 
+    def watch(self, mock: Server) -> dict[str, int]:
+        """The pids whose CPU a cell reports: the gateway, the mock, Postgres's tree."""
+        pids = {"gateway": self.server.pid, "mock": mock.pid}
+        postmaster = self.postmaster_pid()
+        if postmaster is not None:
+            pids["postgres+tree"] = postmaster
+        return pids
+
     def stop(self) -> None:
         self.server.stop(40)
         pid = self.postmaster_pid()  # the gateway stops its cluster; make sure
