@@ -100,7 +100,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_out", help="also write the results here")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="run the gateway as `serve --workers N`")
+    parser.add_argument("--set", action="append", default=[], metavar="AIRGATE_X=V",
+                        help="an extra gateway setting (repeatable), e.g. "
+                             "AIRGATE_OVERLOAD_LAG_MS=0")
     args = parser.parse_args(argv)
+    if not all(item.startswith("AIRGATE_") and "=" in item for item in args.set):
+        parser.error("--set takes AIRGATE_NAME=value")
     if args.quick:
         args.concurrency, args.duration_s, args.warmup_s = "1,10", 1.0, 0.3
     try:
@@ -205,7 +210,8 @@ def main(argv: list[str] | None = None) -> None:
                 targets.append(Target("relay", "127.0.0.1", relay.port, "/v1", None, MODEL,
                                       {"relay": relay.pid, "mock": mock.pid}, "relay"))
             elif name == "gateway":
-                gateway = start_gateway(workdir, mock.url, args.gateway_workers)
+                gateway = start_gateway(workdir, mock.url, args.gateway_workers,
+                                        settings=dict(i.split("=", 1) for i in args.set))
                 stack.callback(shutil.rmtree, gateway.data_dir, True)
                 stack.callback(gateway.stop)
                 watch = gateway.watch(mock)

@@ -53,7 +53,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=30.0,
                         help="per request, from its scheduled time")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
-    return parser.parse_args(argv)
+    parser.add_argument("--set", action="append", default=[], metavar="AIRGATE_X=V",
+                        help="an extra gateway setting (repeatable), e.g. "
+                             "AIRGATE_OVERLOAD_LAG_MS=25")
+    args = parser.parse_args(argv)
+    if not all(item.startswith("AIRGATE_") and "=" in item for item in args.set):
+        parser.error("--set takes AIRGATE_NAME=value")
+    return args
 
 
 def measure_capacity(target: Target, args: argparse.Namespace) -> float:
@@ -178,7 +184,8 @@ def main(argv: list[str] | None = None) -> None:
     with ExitStack() as stack:
         mock = start_mock(workdir)
         stack.callback(mock.stop)
-        gateway = start_gateway(workdir, mock.url)
+        gateway = start_gateway(workdir, mock.url,
+                                settings=dict(i.split("=", 1) for i in args.set))
         stack.callback(shutil.rmtree, gateway.data_dir, True)
         stack.callback(gateway.stop)
         watch = gateway.watch(mock)
