@@ -121,25 +121,35 @@ class Accounts:
     async def reload(self, user_id: str) -> None:
         """Re-read a user's limits after an admin, payment or coupon change.
 
-        The in-memory ``token_used`` is kept when larger (it includes usage not yet
-        flushed).
+        The cached ``Account`` is updated in place: requests in flight hold it and settle
+        their reservation and usage on it when they end (a replacement object would keep
+        their reservations forever and slowly starve the user). The in-memory
+        ``token_used`` is kept when larger (it includes usage not yet flushed).
         """
-        old = self._users.get(user_id)
-        if old is None:
+        account = self._users.get(user_id)
+        if account is None:
             return
-        new = await self._load(user_id)
-        new.token_used = max(new.token_used, old.token_used)
-        new.reserved = old.reserved
-        new.lease_at, new.active_at = old.lease_at, old.active_at
+        user = await get_user(self._db, user_id)
+        if user is None:
+            self._users.pop(user_id, None)
+            return
+        fresh = await self._account_from(user)
+        account.status, account.plan = fresh.status, fresh.plan
+        account.token_limit = fresh.token_limit
+        account.token_used = max(fresh.token_used, account.token_used)
+        account.expires_at, account.allowed_groups = fresh.expires_at, fresh.allowed_groups
+        if account.rpm is None or fresh.rpm is None \
+                or account.rpm.capacity != fresh.rpm.capacity:
+            account.rpm = fresh.rpm  # a changed limit starts a fresh bucket
         # The limit may have been lowered: give the unspent lease back, so the next
-        # request is granted against the new limit.
-        if old.lease_left > 0:
+        # request is granted against the new limit. Requests in flight may take
+        # ``lease_left`` below zero when they settle; the next request tops it up.
+        if account.lease_left > 0:
+            amount, account.lease_left = account.lease_left, 0
             try:
-                await return_lease(self._db, user_id, self.holder, old.lease_left)
+                await return_lease(self._db, user_id, self.holder, amount)
             except StoreError:
-                new.lease_left = old.lease_left
-        else:
-            new.lease_left = old.lease_left
+                account.lease_left += amount
 
     async def _load(self, user_id: str) -> Account:
         user = await get_user(self._db, user_id)
