@@ -26,6 +26,7 @@ import orjson
 from loadtest.bench.processes import (
     MODEL,
     UPSTREAM_KEY,
+    add_settings_option,
     reachable_tmp_dir,
     start_gateway,
     start_mock,
@@ -100,12 +101,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_out", help="also write the results here")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="run the gateway as `serve --workers N`")
-    parser.add_argument("--set", action="append", default=[], metavar="AIRGATE_X=V",
-                        help="an extra gateway setting (repeatable), e.g. "
-                             "AIRGATE_OVERLOAD_LAG_MS=0")
+    add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=0")
     args = parser.parse_args(argv)
-    if not all(item.startswith("AIRGATE_") and "=" in item for item in args.set):
-        parser.error("--set takes AIRGATE_NAME=value")
     if args.quick:
         args.concurrency, args.duration_s, args.warmup_s = "1,10", 1.0, 0.3
     try:
@@ -211,7 +208,7 @@ def main(argv: list[str] | None = None) -> None:
                                       {"relay": relay.pid, "mock": mock.pid}, "relay"))
             elif name == "gateway":
                 gateway = start_gateway(workdir, mock.url, args.gateway_workers,
-                                        settings=dict(i.split("=", 1) for i in args.set))
+                                        settings=dict(args.set))
                 stack.callback(shutil.rmtree, gateway.data_dir, True)
                 stack.callback(gateway.stop)
                 watch = gateway.watch(mock)

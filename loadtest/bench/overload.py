@@ -24,7 +24,13 @@ from typing import Any
 
 from loadtest.bench.cli import SCENARIOS, Target, request_body, run_cell
 from loadtest.bench.loadgen import build_request
-from loadtest.bench.processes import MODEL, reachable_tmp_dir, start_gateway, start_mock
+from loadtest.bench.processes import (
+    MODEL,
+    add_settings_option,
+    reachable_tmp_dir,
+    start_gateway,
+    start_mock,
+)
 
 CAPACITY_CONCURRENCY = 50
 P99_RATIO_TARGET = 2.0
@@ -53,13 +59,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--timeout-s", type=float, default=30.0,
                         help="per request, from its scheduled time")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
-    parser.add_argument("--set", action="append", default=[], metavar="AIRGATE_X=V",
-                        help="an extra gateway setting (repeatable), e.g. "
-                             "AIRGATE_OVERLOAD_LAG_MS=25")
-    args = parser.parse_args(argv)
-    if not all(item.startswith("AIRGATE_") and "=" in item for item in args.set):
-        parser.error("--set takes AIRGATE_NAME=value")
-    return args
+    add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=25")
+    return parser.parse_args(argv)
 
 
 def measure_capacity(target: Target, args: argparse.Namespace) -> float:
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> None:
         mock = start_mock(workdir)
         stack.callback(mock.stop)
         gateway = start_gateway(workdir, mock.url,
-                                settings=dict(i.split("=", 1) for i in args.set))
+                                settings=dict(args.set))
         stack.callback(shutil.rmtree, gateway.data_dir, True)
         stack.callback(gateway.stop)
         watch = gateway.watch(mock)

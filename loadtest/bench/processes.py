@@ -8,6 +8,7 @@ Must not import ``proxy``, ``workers`` or ``store``.
 
 from __future__ import annotations
 
+import argparse
 import os
 import secrets
 import shutil
@@ -26,6 +27,21 @@ import httpx
 MODEL = "gpt-4o-mini"
 UPSTREAM_KEY = "mock-bench"
 MAX_KEY_CONCURRENCY = 10_000  # the admin API's ceiling for one upstream key
+
+
+def _gateway_setting(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not name.startswith("AIRGATE_") or not sep:
+        raise argparse.ArgumentTypeError("takes AIRGATE_NAME=value")
+    return name, value
+
+
+def add_settings_option(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set AIRGATE_NAME=value`` (repeatable): extra gateway settings, as a list of
+    (name, value) pairs in ``args.set``."""
+    parser.add_argument("--set", action="append", default=[], type=_gateway_setting,
+                        metavar="AIRGATE_X=V",
+                        help=f"an extra gateway setting (repeatable), e.g. {example}")
 
 
 class BenchSetupError(Exception):

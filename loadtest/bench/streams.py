@@ -33,7 +33,13 @@ import httpx
 import orjson
 
 from loadtest.bench.loadgen import build_request
-from loadtest.bench.processes import MODEL, reachable_tmp_dir, start_gateway, start_mock
+from loadtest.bench.processes import (
+    MODEL,
+    add_settings_option,
+    reachable_tmp_dir,
+    start_gateway,
+    start_mock,
+)
 from loadtest.bench.stats import CLOCK_TICKS, read_cpu_ticks, read_tree_cpu_ticks
 from loadtest.bench.streamgen import OK
 from loadtest.bench.streamwatch import (
@@ -71,9 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="generator processes (default: one per 5000 streams)")
     parser.add_argument("--rss-limit-mib", type=float, default=1024.0)
     parser.add_argument("--sample-s", type=float, default=0.5, help="RSS sampling period")
-    parser.add_argument("--set", action="append", default=[], metavar="AIRGATE_X=V",
-                        help="an extra gateway setting (repeatable), e.g. "
-                             "AIRGATE_OVERLOAD_LAG_MS=0")
+    add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=0")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temp dir with the gateway's and the mock's logs")
     args = parser.parse_args(argv)
@@ -84,8 +88,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.ramp_s = max(2.0, args.streams / RAMP_PER_S)
     if args.chunk_delay_ms is None:
         args.chunk_delay_ms = max(1000.0, 1250 * args.ramp_s / max(args.chunks - 1, 1))
-    if not all(item.startswith("AIRGATE_") and "=" in item for item in args.set):
-        parser.error("--set takes AIRGATE_NAME=VALUE")
     return args
 
 
@@ -171,7 +173,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
     margin = args.streams + max(100, args.streams // 10)
     settings = {"AIRGATE_MAX_WAITING_REQUESTS": str(margin),
                 "AIRGATE_UPSTREAM_MAX_CONNECTIONS": str(margin)}
-    settings.update(item.split("=", 1) for item in args.set)
+    settings.update(args.set)
     with ExitStack() as stack:
         mock = start_mock(workdir)
         stack.callback(mock.stop)
@@ -183,7 +185,7 @@ def measure(args: argparse.Namespace, workdir: Path) -> Measured:
         print(f"mock {mock.url} (pid {mock.pid}), gateway {gateway.server.url}"
               f" (pid {gateway.server.pid}); {args.generators} generator(s); caps (waiting"
               f" requests, upstream connections, key concurrency) set to {margin}"
-              + "".join(f"; {item}" for item in args.set), flush=True)
+              + "".join(f"; {name}={value}" for name, value in args.set), flush=True)
         cpu_pids = dict(pids)
         if (postmaster := gateway.postmaster_pid()) is not None:
             cpu_pids["postgres"] = postmaster
