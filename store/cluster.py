@@ -1,4 +1,4 @@
-"""An embedded PostgreSQL cluster: find the binaries, initdb, start, stop, create databases.
+"""An embedded PostgreSQL cluster: initdb, start, stop, create databases.
 
 This module owns the life cycle of a local, loopback-only PostgreSQL cluster in a data
 directory of our choosing (tests, single-box deployments). It is synchronous and drives the
@@ -13,20 +13,17 @@ unix socket path limit). Our settings live in ``D/airgate.conf``, included from
 change between restarts of the same cluster.
 
 initdb and pg_ctl refuse to run as root. When we are root they run through
-``runuser -u USER --`` as the ``postgres`` system user if there is one, else as a system
-user ``airgate-pg`` that we create; if that user cannot reach the binaries (a venv under
-``/root``), the install tree is copied once to ``/var/lib/airgate/pg-<version>``.
+``runuser -u USER --`` as the system user :mod:`store.pg_install` picks, on binaries it
+makes reachable for that user (finding the binaries lives there too).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import os
 import pwd
 import re
-import shutil
 import socket
 import subprocess
 import time
@@ -34,64 +31,29 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+from store.pg_install import (
+    SHARED_INSTALL_DIR,
+    ClusterError,
+    as_user,
+    ensure_os_user,
+    find_pg_bin,
+    pg_version,
+    reachable_install,
+    run_command,
+)
+
+__all__ = ["SHARED_INSTALL_DIR", "ClusterError", "EmbeddedCluster", "find_pg_bin",
+           "pg_version"]
+
 SUPERUSER = "airgate"
 DEFAULT_DATABASE = "airgate"
-FALLBACK_OS_USER = "airgate-pg"
-SHARED_INSTALL_DIR = Path("/var/lib/airgate")
 
-_REQUIRED_BINARIES = ("initdb", "pg_ctl", "postgres")
 _RUNTIME_CONF = "airgate.conf"
 # sun_path is 108 bytes including the NUL; postgres appends "/.s.PGSQL.NNNNN.lock".
 _SOCKET_PATH_MAX = 107 - len("/.s.PGSQL.65535.lock")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 _START_TIMEOUT_S = 60
 _LOG_TAIL_LINES = 40
-
-
-class ClusterError(RuntimeError):
-    """The embedded cluster could not be found, initialised, started or used."""
-
-
-def find_pg_bin() -> Path:
-    """Return the directory holding ``initdb``, ``pg_ctl`` and ``postgres``.
-
-    Search order: ``$AIRGATE_PG_BIN``; the binaries bundled in the pgserver wheel; the
-    highest ``/usr/lib/postgresql/*/bin``; the directory of ``pg_ctl`` on ``PATH``.
-    """
-    env = os.environ.get("AIRGATE_PG_BIN")
-    if env:
-        if not _has_binaries(Path(env)):
-            needed = ", ".join(_REQUIRED_BINARIES)
-            raise ClusterError(f"AIRGATE_PG_BIN={env} does not hold {needed}")
-        return Path(env)
-    # find_spec locates the package without importing (and so without running) it.
-    spec = importlib.util.find_spec("pgserver")
-    if spec is not None and spec.submodule_search_locations:
-        for location in spec.submodule_search_locations:
-            bundled = Path(location) / "pginstall" / "bin"
-            if _has_binaries(bundled):
-                return bundled
-    debian = [p for p in Path("/usr/lib/postgresql").glob("*/bin") if _has_binaries(p)]
-    if debian:
-        return max(debian, key=lambda p: _version_key(p.parent.name))
-    on_path = shutil.which("pg_ctl")
-    if on_path:
-        for candidate in (Path(on_path).parent, Path(on_path).resolve().parent):
-            if _has_binaries(candidate):
-                return candidate
-    raise ClusterError(
-        "no PostgreSQL binaries found: set AIRGATE_PG_BIN, install the pgserver wheel, "
-        "or install the postgresql server package"
-    )
-
-
-def pg_version(bin_dir: Path) -> str:
-    """Return the server version of the binaries in `bin_dir`, e.g. ``"16.2"``."""
-    out = _run([str(bin_dir / "postgres"), "--version"], timeout=30).stdout
-    match = re.search(r"(\d+(?:\.\d+)*)", out)
-    if match is None:
-        raise ClusterError(f"cannot parse postgres --version output: {out!r}")
-    return match.group(1)
 
 
 class EmbeddedCluster:
@@ -182,7 +144,7 @@ class EmbeddedCluster:
                "-h", "127.0.0.1", "-p", str(self.port), "-U", SUPERUSER, "-d", database,
                "-c", sql]
         env = {**os.environ, "PGCONNECT_TIMEOUT": "10"}
-        result = _run(cmd, timeout=60, check=False, env=env)
+        result = run_command(cmd, timeout=60, check=False, env=env)
         if result.returncode != 0:
             raise ClusterError(f"psql failed ({sql!r}): {result.stderr.strip()}")
         return result.stdout.strip()
@@ -206,8 +168,8 @@ class EmbeddedCluster:
             return
         bin_dir = find_pg_bin()
         if os.geteuid() == 0:
-            self._os_user = self._existing_owner() or _ensure_os_user()
-            bin_dir = _reachable_install(bin_dir, self._os_user)
+            self._os_user = self._existing_owner() or ensure_os_user()
+            bin_dir = reachable_install(bin_dir, self._os_user)
         self._bin = bin_dir
 
     def _existing_owner(self) -> str | None:
@@ -235,9 +197,9 @@ class EmbeddedCluster:
             raise ClusterError(f"socket dir {self.socket_dir} is owned by someone else")
         for path in (self.data_dir, self.socket_dir, self.log_file):
             os.chown(path, user.pw_uid, user.pw_gid)
-        probe = _as_user(self._os_user, ["test", "-x", str(self.data_dir), "-a",
+        probe = as_user(self._os_user, ["test", "-x", str(self.data_dir), "-a",
                                          "-w", str(self.data_dir), "-a", "-w", str(self.log_file)])
-        if _run(probe, timeout=30, check=False).returncode != 0:
+        if run_command(probe, timeout=30, check=False).returncode != 0:
             raise ClusterError(
                 f"postgres runs as the unprivileged user {self._os_user!r}, which cannot reach "
                 f"{self.data_dir} (a parent directory is probably private, like /root). "
@@ -348,8 +310,8 @@ class EmbeddedCluster:
         assert self._bin is not None
         full = [str(self._bin / cmd[0]), *cmd[1:]]
         if self._os_user is not None:
-            full = _as_user(self._os_user, full)
-        return _run(full, timeout=timeout, check=check)
+            full = as_user(self._os_user, full)
+        return run_command(full, timeout=timeout, check=check)
 
     def _log_tail(self) -> str:
         try:
@@ -360,104 +322,6 @@ class EmbeddedCluster:
 
 
 # -- helpers ------------------------------------------------------------------------------------
-
-
-def _has_binaries(bin_dir: Path) -> bool:
-    return all(os.access(bin_dir / name, os.X_OK) for name in _REQUIRED_BINARIES)
-
-
-def _version_key(name: str) -> tuple[int, ...]:
-    return tuple(int(part) for part in re.findall(r"\d+", name))
-
-
-def _run(
-    cmd: list[str],
-    *,
-    timeout: float,
-    check: bool = True,
-    env: dict[str, str] | None = None,
-) -> subprocess.CompletedProcess[str]:
-    try:
-        # cwd="/": the unprivileged user may not be able to enter our working directory.
-        result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                                cwd="/", env=env, check=False)
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise ClusterError(f"{cmd[0]} failed: {exc}") from exc
-    if check and result.returncode != 0:
-        raise ClusterError(f"{' '.join(cmd)} exited {result.returncode}: {result.stderr.strip()}")
-    return result
-
-
-def _as_user(user: str, cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", user, "--", *cmd]
-
-
-def _ensure_os_user() -> str:
-    for name in ("postgres", FALLBACK_OS_USER):
-        with contextlib.suppress(KeyError):
-            pwd.getpwnam(name)
-            return name
-    result = _run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                   FALLBACK_OS_USER], timeout=60, check=False)
-    try:
-        pwd.getpwnam(FALLBACK_OS_USER)  # exists even if a concurrent useradd won the race
-    except KeyError:
-        raise ClusterError(
-            f"running as root and cannot create system user {FALLBACK_OS_USER!r}: "
-            f"{result.stderr.strip()}"
-        ) from None
-    return FALLBACK_OS_USER
-
-
-def _user_can_exec(user: str, path: Path) -> bool:
-    return _run(_as_user(user, ["test", "-x", str(path)]), timeout=30, check=False).returncode == 0
-
-
-def _reachable_install(bin_dir: Path, user: str) -> Path:
-    """`bin_dir`, or a world-readable copy of its install tree that `user` can execute."""
-    if _user_can_exec(user, bin_dir / "postgres"):
-        return bin_dir
-    install_root = bin_dir.parent  # holds bin/, lib/, share/
-    package_dir = install_root.parent
-    dest = SHARED_INSTALL_DIR / f"pg-{pg_version(bin_dir)}"
-    # Keep two levels of layout: wheels find their shared libraries through an rpath such
-    # as $ORIGIN/../../../pgserver.libs.
-    dest_bin = dest / package_dir.name / install_root.name / bin_dir.name
-    if not (dest_bin / "postgres").exists():
-        for directory in (SHARED_INSTALL_DIR, dest):  # ours: make them traversable
-            directory.mkdir(parents=True, exist_ok=True)
-            directory.chmod(0o755)
-        staging = dest / f".staging-{os.getpid()}"
-        shutil.rmtree(staging, ignore_errors=True)
-        parts = [package_dir.name]
-        shutil.copytree(install_root, staging / package_dir.name / install_root.name,
-                        symlinks=True)
-        wheel_libs = package_dir.parent / f"{package_dir.name}.libs"
-        if wheel_libs.is_dir():
-            shutil.copytree(wheel_libs, staging / wheel_libs.name, symlinks=True)
-            parts.insert(0, wheel_libs.name)  # libraries first: the binaries mark completion
-        _make_world_readable(staging)
-        for part in parts:
-            # rename is atomic; if it fails a concurrent process got there first.
-            with contextlib.suppress(OSError):
-                (staging / part).rename(dest / part)
-        shutil.rmtree(staging, ignore_errors=True)
-    if not _user_can_exec(user, dest_bin / "postgres"):
-        raise ClusterError(
-            f"user {user!r} cannot execute {bin_dir}/postgres nor the copy in {dest_bin}; "
-            "set AIRGATE_PG_BIN to binaries that user can reach"
-        )
-    return dest_bin
-
-
-def _make_world_readable(root: Path) -> None:
-    """chmod go+r (and go+x where u+x) inside our own copy; never above it."""
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
-            continue
-        mode = path.stat().st_mode
-        extra = 0o044 | (0o011 if mode & 0o100 or path.is_dir() else 0)
-        path.chmod((mode | extra | (0o100 if path.is_dir() else 0)) & 0o7777)
 
 
 def _socket_dir_for(data_dir: Path) -> Path:
