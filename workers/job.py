@@ -46,7 +46,9 @@ class Sink(Protocol):
     """Where a stream's bytes go once the client's side has handed it over."""
 
     async def send(self, data: bytes) -> None:
-        """Write ``data`` to the client; raise ``trio.BrokenResourceError`` if it is gone."""
+        """Write ``data`` to the client. May raise ``trio.BrokenResourceError`` when the
+        client is gone (the relay then stops as if the reply channel had closed); hypercorn
+        itself drops writes to a closed connection silently."""
         ...
 
 
