@@ -40,6 +40,11 @@ from workers.errors import (
 
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
+# After a top-up the database could not fill (the user is at their limit), requests are
+# answered from memory for this long before the database is asked again: a user hammering
+# past their quota costs no database round trip per request. A reload (payment, coupon,
+# admin edit) ends the wait at once.
+_DRY_RETRY_S = 1.0
 
 
 @dataclass(slots=True)
@@ -55,6 +60,7 @@ class Account:
     reserved: int = 0
     lease_left: int = 0  # tokens this process may still spend
     lease_at: float = -math.inf  # trio time of the last grant (renewal)
+    dry_until: float = -math.inf  # trio time before which a short lease is not topped up
     active_at: float = -math.inf  # trio time of the last request
     topping_up: trio.Lock = field(default_factory=trio.Lock)
 
@@ -138,6 +144,7 @@ class Accounts:
         account.token_limit = fresh.token_limit
         account.token_used = max(fresh.token_used, account.token_used)
         account.expires_at, account.allowed_groups = fresh.expires_at, fresh.allowed_groups
+        account.dry_until = -math.inf
         if account.rpm is None or fresh.rpm is None \
                 or account.rpm.capacity != fresh.rpm.capacity:
             account.rpm = fresh.rpm  # a changed limit starts a fresh bucket
@@ -152,15 +159,14 @@ class Accounts:
                 account.lease_left += amount
 
     async def _load(self, user_id: str) -> Account:
+        """Read an uncached user. Many first requests may load the same user at once: the
+        first to finish is cached and every other one uses it, so there is exactly one
+        ``Account`` (one lease, one set of reservations) per user in this process."""
         user = await get_user(self._db, user_id)
         if user is None:
             raise AuthenticationFailed("Incorrect API key provided.")
         account = await self._account_from(user)
-        existing = self._users.get(user_id)
-        if existing is not None and existing.rpm is not None and account.rpm is not None:
-            account.rpm = existing.rpm
-        self._users[user_id] = account
-        return account
+        return self._users.setdefault(user_id, account)
 
     async def _account_from(self, user: User) -> Account:
         groups: frozenset[str] | None = None
@@ -216,8 +222,9 @@ class Accounts:
 
     @staticmethod
     def _short(account: Account, need: int, now: float) -> bool:
-        stale = now - account.lease_at > LEASE_TTL.total_seconds() / 2
-        return account.remaining < need or stale
+        if now - account.lease_at > LEASE_TTL.total_seconds() / 2:
+            return True  # renew a lease before it lapses
+        return account.remaining < need and now >= account.dry_until
 
     async def _top_up(self, account: Account, want: int) -> None:
         try:
@@ -230,6 +237,8 @@ class Accounts:
                               retry_after_s=1.0) from exc
         account.lease_left = grant if reset else account.lease_left + grant
         account.lease_at = trio.current_time()
+        if grant < want:  # the database has no more for this user: stop asking a while
+            account.dry_until = account.lease_at + _DRY_RETRY_S
 
     def settle(self, account: Account, reserved: int, used: int) -> None:
         """Release the reservation and charge the real usage, at once, in memory."""
