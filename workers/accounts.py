@@ -37,6 +37,7 @@ from workers.errors import (
     RateLimited,
     Unavailable,
 )
+from workers.singleflight import SingleFlight
 
 _NEGATIVE_TTL_S = 5.0
 _NEGATIVE_MAX = 10_000
@@ -82,6 +83,9 @@ class Accounts:
         self._keys: dict[bytes, ApiKeyOwner] = {}
         self._misses: OrderedDict[bytes, float] = OrderedDict()
         self._users: dict[str, Account] = {}
+        # A burst of first requests (a restart under load) reads each key and user once.
+        self._key_reads: SingleFlight[bytes, ApiKeyOwner | None] = SingleFlight()
+        self._user_reads: SingleFlight[str, Account | None] = SingleFlight()
 
     async def authenticate(self, secret: str) -> tuple[ApiKeyOwner, Account]:
         if not secret.startswith("sk-") or len(secret) > 200:
@@ -97,7 +101,7 @@ class Accounts:
         miss = self._misses.get(digest)
         if miss is not None and miss > now:
             raise AuthenticationFailed("Incorrect API key provided.")
-        owner = await find_api_key(self._db, digest)
+        owner = await self._key_reads.run(digest, lambda: find_api_key(self._db, digest))
         if owner is None:
             self._misses[digest] = now + _NEGATIVE_TTL_S
             while len(self._misses) > _NEGATIVE_MAX:
@@ -159,14 +163,17 @@ class Accounts:
                 account.lease_left += amount
 
     async def _load(self, user_id: str) -> Account:
-        """Read an uncached user. Many first requests may load the same user at once: the
-        first to finish is cached and every other one uses it, so there is exactly one
-        ``Account`` (one lease, one set of reservations) per user in this process."""
-        user = await get_user(self._db, user_id)
-        if user is None:
+        """Read an uncached user. Many first requests may load the same user at once: one
+        read serves them all and its ``Account`` is the one cached, so there is exactly
+        one ``Account`` (one lease, one set of reservations) per user in this process."""
+        account = await self._user_reads.run(user_id, lambda: self._read_account(user_id))
+        if account is None:
             raise AuthenticationFailed("Incorrect API key provided.")
-        account = await self._account_from(user)
         return self._users.setdefault(user_id, account)
+
+    async def _read_account(self, user_id: str) -> Account | None:
+        user = await get_user(self._db, user_id)
+        return None if user is None else await self._account_from(user)
 
     async def _account_from(self, user: User) -> Account:
         groups: frozenset[str] | None = None
