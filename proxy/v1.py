@@ -10,6 +10,7 @@ the upstream request. Billing runs shielded in ``finally``, exactly once per req
 from __future__ import annotations
 
 import logging
+import math
 import secrets
 import time
 from typing import Any
@@ -217,7 +218,10 @@ def _bearer(scope: Scope) -> str:
 async def send_error(send: Send, err: GatewayError, rid: tuple[bytes, bytes]) -> None:
     headers = [_JSON, rid]
     if err.retry_after_s is not None:
-        headers.append((b"retry-after", str(max(1, round(err.retry_after_s))).encode()))
+        # Whole seconds for every client, and milliseconds for those that read them (the
+        # openai SDKs prefer ``retry-after-ms``): a shed request may come back sooner.
+        headers.append((b"retry-after", str(max(1, math.ceil(err.retry_after_s))).encode()))
+        headers.append((b"retry-after-ms", str(max(1, round(err.retry_after_s * 1000))).encode()))
     if err.code in ("insufficient_quota", "plan_expired") or not err.retryable:
         headers.append((b"x-should-retry", b"false"))
     await send_whole(send, err.status, orjson.dumps(openai_error_body(err)), headers)

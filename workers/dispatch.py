@@ -9,6 +9,7 @@ the account in memory at once and handed to the usage batcher exactly once.
 from __future__ import annotations
 
 import logging
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -37,6 +38,8 @@ from workers.pricing import Prices, cost_micro
 from workers.tokens import Usage
 
 _REPLY_BUFFER = 8
+# How long a request refused for overload is told to wait (seconds, uniform in between).
+OVERLOAD_RETRY_S = (0.25, 0.75)
 _FREE = Prices(0, 0, 0)
 log = logging.getLogger("airgate.dispatch")
 
@@ -201,7 +204,9 @@ class Dispatcher:
 
     def overloaded(self) -> Overloaded:
         self._metrics.shed.labels("overloaded").inc()
-        return Overloaded("The gateway is overloaded; retry shortly.", retry_after_s=1.0)
+        # Jittered, so the clients refused in one burst do not all come back in another.
+        return Overloaded("The gateway is overloaded; retry shortly.",
+                          retry_after_s=random.uniform(*OVERLOAD_RETRY_S))
 
     async def finish(self, req: Request, reserved: int, reply: Reply | None, status: int) -> None:
         """Bill the request exactly once. Call shielded, whatever happened."""

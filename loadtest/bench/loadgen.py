@@ -139,16 +139,19 @@ def chunked_end(buf: bytes | bytearray, pos: int, skip: int) -> tuple[int, int, 
 
 
 def retry_after_of(head: bytes) -> float | None:
-    """The ``retry-after`` header's seconds, if the head has one."""
+    """Seconds to wait, from ``retry-after-ms`` or else ``retry-after`` (the order the
+    openai SDKs read them in), if the head has one."""
     lower = head.lower()
-    at = lower.find(b"\r\nretry-after:")
-    if at < 0:
-        return None
-    end = lower.find(b"\r\n", at + 2)
-    try:
-        return float(lower[at + 14 : end if end >= 0 else len(lower)])
-    except ValueError:
-        return None
+    for name, scale in ((b"\r\nretry-after-ms:", 0.001), (b"\r\nretry-after:", 1.0)):
+        at = lower.find(name)
+        if at < 0:
+            continue
+        end = lower.find(b"\r\n", at + 2)
+        try:
+            return float(lower[at + len(name) : end if end >= 0 else len(lower)]) * scale
+        except ValueError:
+            continue
+    return None
 
 
 async def read_head(stream: trio.SocketStream) -> tuple[bytearray, int]:

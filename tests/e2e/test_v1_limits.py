@@ -28,7 +28,11 @@ async def test_a_key_at_its_rpm_gives_429_with_retry_after(harness: Harness) -> 
         await in_thread(client.chat.completions.create, model="deepseek-v4-flash",
                         messages=CHAT)
     assert caught.value.code == "rate_limit_exceeded"
-    assert int(caught.value.response.headers["retry-after"]) >= 1
+    seconds = int(caught.value.response.headers["retry-after"])
+    assert seconds >= 1
+    # the same wait to the millisecond; whole seconds are rounded up
+    assert 1000 * (seconds - 1) < int(caught.value.response.headers["retry-after-ms"]) \
+        <= 1000 * seconds
     assert (await harness.mock_stats())["requests"]["mock-healthy"] == 1
 
 
@@ -125,7 +129,9 @@ async def test_while_the_gateway_lags_completions_are_refused_at_the_door(
                                           content=b'{"model": "deepseek-v4-flash", "mess')
             assert response.status_code == 429
             assert response.json()["error"]["code"] == "gateway_overloaded"
-            assert int(response.headers["retry-after"]) >= 1
+            assert int(response.headers["retry-after"]) == 1
+            # Sooner for clients that read milliseconds, jittered (workers.dispatch).
+            assert 250 <= int(response.headers["retry-after-ms"]) <= 750
         assert (await client.get("/v1/models", headers=headers)).status_code == 200
         assert (await client.get("/api/plans")).status_code == 200
         harness.gw.admission.limit = math.inf

@@ -143,3 +143,6 @@ def test_retry_after_of() -> None:
     assert retry_after_of(head) == 2.0
     assert retry_after_of(b"HTTP/1.1 429 X\r\nretry-after: soon\r\nx: y") is None
     assert retry_after_of(b"HTTP/1.1 503 X\r\ncontent-length: 0") is None
+    both = b"HTTP/1.1 429 X\r\nretry-after: 1\r\nretry-after-ms: 340\r\nx: y"
+    assert retry_after_of(both) == 0.34  # milliseconds first, as the openai SDKs read them
+    assert retry_after_of(b"HTTP/1.1 429 X\r\nretry-after-ms: x\r\nretry-after: 3") == 3.0
