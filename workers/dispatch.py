@@ -77,17 +77,19 @@ class Reply:
             if isinstance(event, bytes):
                 yield event
 
-    def next_chunk_nowait(self) -> bytes | None:
-        """The next body bytes if already here (``trio.WouldBlock`` if not); None at the end.
-
-        Lets the relay skip arming its idle timer when the stream is flowing."""
+    def take_queued(self) -> tuple[bytes, bool]:
+        """Every body byte already queued, joined (chunks that arrived together leave
+        together), and whether the reply has ended. Never waits."""
+        parts: list[bytes] = []
         while True:
             try:
                 event = self._receive.receive_nowait()
+            except trio.WouldBlock:
+                return b"".join(parts), False
             except trio.EndOfChannel:
-                return None
+                return b"".join(parts), True
             if isinstance(event, bytes):
-                return event
+                parts.append(event)
 
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end."""

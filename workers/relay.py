@@ -75,8 +75,9 @@ _IDLE_GRANULARITY_S = 1.0
 
 
 async def _deliver(job: Job, data: bytes) -> None:
-    """Hand bytes to the client: straight through its sink once it has handed one over,
-    else through the reply channel (which has room for a few chunks: no wait)."""
+    """Hand bytes to the client: straight through its sink once it has handed one over
+    (it took what was queued before, in the same step), else through the reply channel
+    (which has room for a few chunks: no wait)."""
     sink = job.sink
     if sink is not None:
         await sink.send(data)
