@@ -27,8 +27,9 @@ from workers.accounts import Account
 from workers.dispatch import Reply, Request
 from workers.job import Started
 
-PARTS: list[bytes | float] = [sse(delta("one")), 0.01, sse(delta("two")), 1.0, sse(delta("three")), 1.0,
-         sse("[DONE]")]
+PARTS: list[bytes | float] = [
+    sse(delta("one")), 0.01, sse(delta("two")), 1.0, sse(delta("three")), 1.0, sse("[DONE]"),
+]
 
 
 def _request() -> Request:
