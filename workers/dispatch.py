@@ -204,11 +204,14 @@ class Dispatcher:
         """No more requests: let the batcher drain once every producer has closed."""
         await self._usage.aclose()
 
-    def overloaded(self) -> Overloaded:
+    def overloaded(self, retry_after_s: float | None = None) -> Overloaded:
+        """The refusal for a request the gateway has no room for; the wait to tell is
+        jittered by default, so clients refused in one burst do not come back in one."""
         self._metrics.shed.labels("overloaded").inc()
-        # Jittered, so the clients refused in one burst do not all come back in another.
+        if retry_after_s is None:
+            retry_after_s = random.uniform(*OVERLOAD_RETRY_S)
         return Overloaded("The gateway is overloaded; retry shortly.",
-                          retry_after_s=random.uniform(*OVERLOAD_RETRY_S))
+                          retry_after_s=retry_after_s)
 
     async def finish(self, req: Request, reserved: int, reply: Reply | None, status: int) -> None:
         """Bill the request exactly once. Call shielded, whatever happened."""

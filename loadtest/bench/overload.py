@@ -3,11 +3,16 @@
 Target: at twice its capacity the gateway refuses the excess (429/503 with
 ``retry-after``) instead of queueing it for seconds, so the p99 latency of the requests
 it accepts stays within 2x of its p99 at capacity. Starts the mock upstream and the
-gateway (as :mod:`loadtest.bench.cli` does), measures capacity R closed-loop at
-concurrency 50 (or takes ``--capacity-rps``), then runs the open-loop generator
-(:mod:`loadtest.bench.openloop`) at 1.0 x R and ``--factor`` x R. A measurement, not a
-test: it always exits 0 and prints PASS or FAIL. Must not import ``proxy``, ``workers``
-or ``store``.
+gateway (as :mod:`loadtest.bench.cli` does), finds its capacity R (or takes
+``--capacity-rps``), then runs the open-loop generator (:mod:`loadtest.bench.openloop`) at
+1.0 x R and ``--factor`` x R. A measurement, not a test: it always exits 0 and prints
+PASS or FAIL. Must not import ``proxy``, ``workers`` or ``store``.
+
+Capacity is the highest *sustainable* open-loop rate, not the closed-loop maximum: with
+arrivals at exactly the rate a server can at most complete, its queue grows without
+bound (a queue at utilisation 1 is unstable), so a p99 "at" that rate only says how long
+the run was. The ladder runs open loop at fractions of the closed-loop maximum (c=50)
+and takes the highest step the gateway kept up with (see ``sustained``).
 """
 
 from __future__ import annotations
@@ -33,6 +38,9 @@ from loadtest.bench.processes import (
 )
 
 CAPACITY_CONCURRENCY = 50
+LADDER = (0.5, 0.65, 0.8, 0.9, 1.0)  # fractions of the closed-loop maximum
+LADDER_P99_GROWTH = 10.0  # a rung's p99 may be at most this times the lowest rung's
+LADDER_DRAIN_S = 1.0  # and what is still queued when the arrivals stop must drain this fast
 P99_RATIO_TARGET = 2.0
 GEN_CPU_LIMIT = 0.60  # generator share of one core above which it may be the limit
 ERROR_LIMIT = 0.01  # errors (timeouts, resets, 5xx other than 503) as a share of arrivals
@@ -64,14 +72,43 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure_capacity(target: Target, args: argparse.Namespace) -> float:
-    """Closed-loop req/s at concurrency 50, the same cell ``python -m loadtest.bench`` runs."""
+    """The closed-loop maximum (c=50, the cell ``python -m loadtest.bench`` runs), then the
+    highest rung of the open-loop ladder below it that the gateway sustained."""
     cell = run_cell(target, args.scenario, CAPACITY_CONCURRENCY, args)
-    print(f"capacity: closed loop c={CAPACITY_CONCURRENCY}: {cell.rps:,.1f} req/s"
+    print(f"closed loop c={CAPACITY_CONCURRENCY}: {cell.rps:,.1f} req/s"
           f"  p50 {cell.p50_ms:.1f} ms  p99 {cell.p99_ms:.1f} ms  errors {cell.errors}"
           f"  gen {100 * cell.gen_cpu_share:.0f}%", flush=True)
     if cell.errors:
         print(f"  capacity errors: {'; '.join(cell.error_samples)}", flush=True)
-    return cell.rps
+    capacity, first_p99 = 0.0, math.nan
+    for fraction in LADDER:
+        rate = fraction * cell.rps
+        result = run_open_loop(target, rate, args)
+        if math.isnan(first_p99):
+            first_p99 = result["accepted_p99_ms"] or math.nan
+        ok = sustained(result, first_p99)
+        print(f"  ladder {fraction:.2f} x = {rate:,.1f}/s: accepted"
+              f" {result['accepted_rps']:,.1f}/s, shed {result['shed']}, errors"
+              f" {result['errors']}, p99 {_n(result['accepted_p99_ms'])} ms:"
+              f" {'kept up' if ok else 'did not keep up'}", flush=True)
+        if not ok:
+            break
+        capacity = rate
+    return capacity or LADDER[0] * cell.rps
+
+
+def sustained(result: dict[str, Any], first_p99_ms: float) -> bool:
+    """Whether the gateway kept up with an open-loop run: it answered (nearly) every
+    arrival in time, refused next to none, left no backlog (drained within
+    ``LADDER_DRAIN_S``) and its p99 stayed within ``LADDER_P99_GROWTH`` times the lowest
+    rung's (latency grows with utilisation; a queue that keeps growing shows here)."""
+    offered = result["scheduled"] or 1
+    p99 = result["accepted_p99_ms"]
+    return (result["accepted"] >= 0.98 * offered
+            and result["errors"] + result["gen_limited"] <= 0.01 * offered
+            and result["shed"] <= 0.01 * offered
+            and result["drain_s"] <= LADDER_DRAIN_S
+            and p99 is not None and p99 <= LADDER_P99_GROWTH * first_p99_ms)
 
 
 def run_open_loop(target: Target, rate: float, args: argparse.Namespace) -> dict[str, Any]:

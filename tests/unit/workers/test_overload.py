@@ -8,7 +8,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from workers.overload import Admission
+from workers.overload import WAIT_S, Admission
 
 
 def _busy(admission: Admission, n: int) -> None:
@@ -88,3 +88,56 @@ async def test_threshold_zero_turns_it_off() -> None:
     with trio.fail_after(1):
         await admission.run()  # returns at once: nothing to watch
     assert admission.limit == math.inf
+
+
+def _sample(admission: Admission, now: float, completed: int, refused: int) -> None:
+    """One 10 ms sample's worth of requests leaving and clients refused."""
+    for _ in range(completed):
+        admission.leave()
+        assert admission.try_enter()  # the next one takes its place
+    saved, admission.limit = admission.limit, 0
+    for _ in range(refused):
+        assert not admission.try_enter()
+    admission.limit = saved
+    admission.tally(now)
+
+
+def test_a_refused_client_waits_until_those_ahead_are_done() -> None:
+    """A closed loop: 1,000 clients, 300 in flight, 270 completing a second; the other 700
+    come back when told. The wait settles where they come back about when there is room:
+    (300 + 700) / 270 = 3.7 s, and refusals fall to ~190 a second (not 700 every second)."""
+    admission = Admission(0.05)
+    _busy(admission, 300)
+    now, owed = 0.0, 0.0
+    for step in range(3000):  # 30 s of 10 ms samples
+        now = step * 0.01
+        owed += 700 * 0.01 / admission.wait_s  # the refused clients' returns, on average
+        refused = int(owed)
+        owed -= refused
+        _sample(admission, now, 3 if step % 10 else 0, refused)  # 2.7 per 10 ms
+    assert 3.3 < admission.wait_s < 4.1
+    assert 150 < admission.refusal_rate < 230
+    assert abs(admission.completion_rate - 270) < 30
+
+
+def test_refusing_faster_than_completing_asks_for_the_longest_wait() -> None:
+    admission = Admission(0.05)
+    _busy(admission, 50)
+    for step in range(500):  # an open loop at twice capacity: 5 served, 5 refused per 10 ms
+        _sample(admission, step * 0.01, 5, 5)
+    assert admission.wait_s == WAIT_S[1]
+
+
+def test_without_refusals_the_wait_is_the_time_to_clear_those_in_flight() -> None:
+    admission = Admission(0.05)
+    _busy(admission, 200)
+    for step in range(500):  # 100 completing a second
+        _sample(admission, step * 0.01, 1, 0)
+    assert 1.8 < admission.wait_s < 2.2
+    assert all(1.35 < admission.retry_after_s() < 2.75 for _ in range(100))  # +-25 %
+    _busy(admission, 0)
+    for _ in range(190):
+        admission.leave()
+    for step in range(500, 1000):  # 10 left in flight: 0.1 s, but never below the floor
+        _sample(admission, step * 0.01, 1, 0)
+    assert admission.wait_s == WAIT_S[0]
