@@ -4,11 +4,12 @@ Owns :class:`Admission`. A CPU-bound gateway does not queue requests anywhere vi
 every accepted request becomes one more runnable task, and each pass of the scheduler
 takes longer for all of them. A monitor task sleeps in short steps and measures how
 late it wakes (the scheduler's lag). While the smoothed lag is above ``threshold_s`` the
-limit on requests in flight shrinks below what is in flight (x0.9 per sample; the
-average weighs the newest sample 0.1, so it takes ~10 late samples in a row), so new
+limit on requests in flight shrinks below what is in flight (x0.9; the average weighs
+the newest sample 0.1, so it takes ~10 late samples in a row), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
 parsing) and the requests already accepted keep their latency; while the lag is below
-half the threshold the limit grows back (+5 % per sample) until it no longer binds. A
+half the threshold the limit grows back (+5 %) until it no longer binds. The limit
+moves at most once per ten samples (100 ms), so each move is seen before the next. A
 single long stall (a garbage collection) counts for at most twice the threshold, so it
 alone never shrinks the limit: overload is being late sample after sample.
 The limit never falls below ``min_limit``, so the gateway always makes progress even
@@ -38,6 +39,10 @@ _INCREASE = 0.05
 _UNLIMITED_ABOVE = 1_000_000.0  # a limit grown past this is dropped altogether
 _RATE_SMOOTHING = 0.05  # completion and refusal rates: ~20 samples (~0.2 s)
 WAIT_S = (0.25, 10.0)  # the bounds of the wait a refused client is told
+# The limit moves at most once per this many samples (the average's window): the effect
+# of one move shows in the lag before the next (moving every sample overshot, down to a
+# limit that left the CPU idle while refused clients waited).
+_HOLD = 10
 _JITTER = 0.25  # +-25 %, so a burst refused together does not come back together
 
 
@@ -46,7 +51,7 @@ class Admission:
 
     ``threshold_s`` 0 turns the control off (the limit stays infinite)."""
 
-    __slots__ = ("_completed", "_refused", "_sampled_at", "completion_rate", "inflight",
+    __slots__ = ("_completed", "_refused", "_sampled_at", "_since", "completion_rate", "inflight",
                  "lag_s", "limit", "min_limit", "refusal_rate", "threshold_s", "wait_s")
 
     def __init__(self, threshold_s: float, *, min_limit: int = 16) -> None:
@@ -61,6 +66,7 @@ class Admission:
         self._completed = 0
         self._refused = 0
         self._sampled_at = -math.inf
+        self._since = 0
 
     @property
     def shedding(self) -> bool:
@@ -108,6 +114,10 @@ class Admission:
         """
         lag_s = min(lag_s, 2 * self.threshold_s)
         self.lag_s += _SMOOTHING * (lag_s - self.lag_s)
+        self._since += 1
+        if self._since < _HOLD:
+            return
+        self._since = 0
         if self.lag_s > self.threshold_s:
             self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
         elif self.lag_s < self.threshold_s / 2 and self.limit != math.inf:

@@ -35,7 +35,12 @@ def test_lag_shrinks_the_limit_below_what_is_in_flight_then_it_grows_back() -> N
     assert admission.limit == 180  # 200 in flight x 0.9
     assert admission.shedding
     assert not admission.try_enter()
-    for _ in range(100):  # still lagging: the limit keeps falling, down to the floor
+    for _ in range(9):  # still lagging, but the limit holds until the next window
+        admission.observe(0.08)
+        assert admission.limit == 180
+    admission.observe(0.08)
+    assert admission.limit == 162  # 100 ms later: x0.9 again
+    for _ in range(300):  # still lagging: the limit keeps falling, down to the floor
         admission.observe(0.08)
     assert admission.limit == 16
     for _ in range(190):
@@ -47,9 +52,13 @@ def test_lag_shrinks_the_limit_below_what_is_in_flight_then_it_grows_back() -> N
         if admission.lag_s < 0.025:
             break
         assert admission.limit == 16  # lag between half and the threshold: hold
-    assert admission.limit == 17  # below half: +max(1, 5 %)
+    for _ in range(10):  # below half: +max(1, 5 %) at the next window
+        admission.observe(0.0)
+        if admission.limit != 16:
+            break
+    assert admission.limit == 17
     grown = [admission.limit]
-    for _ in range(300):
+    for _ in range(3000):
         admission.observe(0.0)
         grown.append(admission.limit)
     assert grown == sorted(grown)
