@@ -128,7 +128,8 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
         "warmup_s": args.warmup_s, "watch": target.watch,
-        "rss_pid": target.watch.get(target.serving) if target.serving else None,
+        "rss_pid": (target.watch.get(target.serving)
+                    or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
     budget = args.duration_s + args.warmup_s + 60
     done = subprocess.run(

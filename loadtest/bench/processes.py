@@ -131,6 +131,7 @@ class Gateway:
     data_dir: Path
     api_key: str = ""
     admin: dict[str, str] = field(default_factory=dict)
+    workers: int = 1
 
     def postmaster_pid(self) -> int | None:
         try:
@@ -139,8 +140,11 @@ class Gateway:
             return None
 
     def watch(self, mock: Server) -> dict[str, int]:
-        """The pids whose CPU a cell reports: the gateway, the mock, Postgres's tree."""
-        pids = {"gateway": self.server.pid, "mock": mock.pid}
+        """The pids whose CPU a cell reports: the gateway (with ``--workers`` > 1 the
+        supervisor and its worker processes; the embedded Postgres is not among its
+        children, as ``pg_ctl`` detaches it), the mock, Postgres's tree."""
+        name = "gateway+tree" if self.workers > 1 else "gateway"
+        pids = {name: self.server.pid, "mock": mock.pid}
         postmaster = self.postmaster_pid()
         if postmaster is not None:
             pids["postgres+tree"] = postmaster
@@ -169,8 +173,8 @@ def start_gateway(workdir: Path, mock_url: str, workers: int = 1, *,
                   settings: dict[str, str] | None = None) -> Gateway:
     """``python -m proxy.cli serve`` with its own embedded Postgres, provisioned over HTTP.
 
-    With ``workers`` > 1 the measured pid is the supervisor's: its CPU and RSS figures
-    then leave out the worker processes (requests/s and latencies are unaffected).
+    With ``workers`` > 1 the CPU figures add up the supervisor and its workers; the RSS
+    figure is still the supervisor's alone.
     ``max_concurrency`` is the mock upstream key's; ``settings`` are extra ``AIRGATE_*``
     environment variables (e.g. ``{"AIRGATE_MAX_WAITING_REQUESTS": "20000"}``)."""
     port = free_port()
@@ -186,7 +190,7 @@ def start_gateway(workdir: Path, mock_url: str, workers: int = 1, *,
          "--data-dir", str(data_dir), "--workers", str(workers)],
         port, workdir, env=env, timeout_s=120,
     )
-    gateway = Gateway(server, data_dir, admin=admin)
+    gateway = Gateway(server, data_dir, admin=admin, workers=workers)
     try:
         gateway.api_key = provision(server.url, mock_url, admin, max_concurrency)
     except BaseException:
