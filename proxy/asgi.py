@@ -9,6 +9,8 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
+import trio
+
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
 Receive = Callable[[], Awaitable[Message]]
@@ -36,11 +38,25 @@ def header(scope: Scope, name: bytes) -> bytes | None:
     return None
 
 
+def _queued(receive: Receive) -> Callable[[], Message] | None:
+    """A way to take a message that is already queued without a pass through the trio
+    scheduler, when ``receive`` allows one. hypercorn's trio worker hands the app a
+    memory channel's ``receive``, which always yields to the scheduler first, even with
+    the message waiting; its ``receive_nowait`` does not. (Other servers: None.)"""
+    channel = getattr(receive, "__self__", None)
+    if isinstance(channel, trio.MemoryReceiveChannel):
+        nowait: Callable[[], Message] = channel.receive_nowait
+        return nowait
+    return None
+
+
 async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
     """The whole request body, refusing more than ``limit`` bytes.
 
     An oversized body is read and discarded (up to ``DISCARD_CAP``) before refusing, so
-    that clients which finish writing before they read (most do) see the 413.
+    that clients which finish writing before they read (most do) see the 413. A body
+    that came with its head (most do) is taken without waiting for the scheduler: on a
+    busy gateway one pass is milliseconds of every request's latency.
     """
     length = header(scope, b"content-length")
     declared = int(length) if length is not None and length.isdigit() else None
@@ -48,8 +64,15 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
         raise BodyTooLargeError
     parts: list[bytes] = []
     size = 0
+    queued = _queued(receive)
     while True:
-        message = await receive()
+        if queued is None:
+            message = await receive()
+        else:
+            try:
+                message = queued()
+            except trio.WouldBlock:
+                message = await receive()
         if message["type"] == "http.disconnect":
             raise ClientGone
         chunk = message.get("body", b"")
