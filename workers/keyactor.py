@@ -25,7 +25,7 @@ from store.upstream_keys import UpstreamKey
 from workers.bucket import WindowLimits
 from workers.failure import Failure, FailureClass, classify, parse_retry_after
 from workers.health import HealthState, KeyHealth
-from workers.job import Failed, Job, Started
+from workers.job import Failed, Job, Started, put
 from workers.relay import relay_body
 from workers.upstream import TransportFailure, UpstreamClient, UpstreamResponse
 
@@ -249,7 +249,7 @@ class KeyActor:
                     job.status = response.status
                     if response.status >= 400:
                         return await self._upstream_error(job, response)
-                    await job.reply.send(Started(
+                    await put(job.reply, Started(
                         response.status,
                         response.headers.get("content-type", "application/json"),
                         self.key.id,

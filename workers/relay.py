@@ -17,7 +17,7 @@ import orjson
 import trio
 
 from workers.failure import Failure, FailureClass, classify
-from workers.job import Job
+from workers.job import Job, put
 from workers.sse import SSESplitter
 from workers.tokens import MalformedChunk, estimate_completion_tokens, usage_from_response
 from workers.upstream import TransportFailure, UpstreamResponse
@@ -57,7 +57,7 @@ async def _relay_whole(
                 job.whole_completion_estimate = estimate_completion_tokens(parsed)
         except (orjson.JSONDecodeError, TypeError, ValueError):
             job.usage = None
-        await job.reply.send(body)
+        await put(job.reply, body)
         return None
     failure = classify(None, None, timeout=True)
     await job.reply.send(_error_json(failure, "upstream timed out"))
@@ -82,10 +82,7 @@ async def _deliver(job: Job, data: bytes) -> None:
     if sink is not None:
         await sink.send(data)
         return
-    try:
-        job.reply.send_nowait(data)
-    except trio.WouldBlock:
-        await job.reply.send(data)
+    await put(job.reply, data)
 
 
 async def _relay_stream(
