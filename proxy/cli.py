@@ -6,6 +6,7 @@ import argparse
 import gc
 import logging
 import resource
+import socket
 import sys
 from functools import partial
 from typing import Any
@@ -45,6 +46,22 @@ def _raise_open_files_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
         except (ValueError, OSError) as exc:
             logging.getLogger("airgate").warning("open-files limit stays %s: %s", soft, exc)
+
+
+def _check_listen(host: str, port: int) -> None:
+    """Exit with a one-line message if ``host:port`` cannot be listened on (another
+    gateway runs there, say), before the database or anything else is started."""
+    if port == 0:
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            print(f"airgate: cannot listen on {host}:{port}: {exc.strerror or exc}",
+                  file=sys.stderr)
+            raise SystemExit(1) from None
 
 
 # Python's cyclic GC runs a young collection every 700 net allocations and, with thousands
@@ -88,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(settings.log_level)
     if args.command in ("serve", "demo"):
         _raise_open_files_limit()
+        if not getattr(args, "worker_slot", None):  # a worker's socket is its supervisor's
+            _check_listen(settings.host, settings.port)
     if args.command == "serve" and settings.workers > 1:
         from proxy.supervisor import run_workers
 

@@ -69,7 +69,7 @@ def run_workers(settings: Settings) -> int:
         if not dsn:
             cluster = EmbeddedCluster(Path(settings.data_dir) / "pgdata")
             dsn = cluster.start()
-            stack.callback(cluster.stop)
+            stack.callback(cluster.stop_unless_in_use)
         trio.run(_migrate, dsn)
         sock = stack.enter_context(_listen(settings.host, settings.port, settings.listen_backlog))
         env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}

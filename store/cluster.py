@@ -124,6 +124,24 @@ class EmbeddedCluster:
         if result.returncode != 0 and self._running_postmaster() is not None:
             raise ClusterError(f"pg_ctl stop failed: {result.stderr.strip()}{self._log_tail()}")
 
+    def stop_unless_in_use(self) -> bool:
+        """Stop the server unless another process is still connected to it; return
+        whether it was stopped. For a gateway leaving: a second gateway started on the
+        same data directory (by mistake, or one that failed to start) must not take the
+        database away from the first. Call after closing this process's own pool."""
+        if self._running_postmaster() is None:
+            return True
+        try:
+            others = int(self.psql(
+                "SELECT count(*) FROM pg_stat_activity"
+                " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()"))
+        except (ClusterError, ValueError):
+            others = 0  # cannot tell: a server that cannot answer is stopped as before
+        if others:
+            return False
+        self.stop()
+        return True
+
     def create_database(self, name: str, template: str | None = None) -> str:
         """Create database `name` (optionally from `template`) and return its DSN."""
         sql = f"CREATE DATABASE {_quote_ident(name)}"

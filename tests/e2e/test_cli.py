@@ -50,6 +50,25 @@ def test_invalid_settings_exit_with_a_message_not_a_traceback() -> None:
     assert "Traceback" not in result.stderr
 
 
+def test_a_port_in_use_is_refused_with_a_message_before_anything_starts() -> None:
+    data = make_reachable_tmp_dir("airgate-cli-")
+    try:
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = str(taken.getsockname()[1])
+            for command in ("serve", "demo"):
+                result = subprocess.run(
+                    [*AIRGATE, command, "--port", port, "--data-dir", str(data)],
+                    capture_output=True, text=True, timeout=60, env=_env(), check=False)
+                assert result.returncode == 1
+                assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+                assert "Traceback" not in result.stderr
+        assert not (data / "pgdata").exists()  # no database was started for nothing
+    finally:
+        subprocess.run(["rm", "-rf", str(data)], check=False)
+
+
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -6,6 +6,7 @@ import os
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +159,36 @@ def test_unreachable_binaries_are_copied_once(
     copied = SHARED_INSTALL_DIR / f"pg-{pg_version(source)}" / package / source.parent.name / "bin"
     assert (copied / "postgres").exists()
     assert oct(private.stat().st_mode & 0o777) == oct(0o700)  # parents left alone
+
+
+def test_a_leaving_process_leaves_a_cluster_another_one_still_uses(
+    cluster: EmbeddedCluster,
+) -> None:
+    """A second gateway on the same data directory (one that failed to start, say) must
+    not take the database away from the first when it leaves; the last one out stops it."""
+    cluster.start()
+    first = subprocess.Popen(  # the first gateway's connection, open and idle
+        [str(find_pg_bin() / "psql"), "-X", "-q", "-h", "127.0.0.1", "-p", str(cluster.port),
+         "-U", "airgate", "-d", "airgate"],
+        stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        second = EmbeddedCluster(cluster.data_dir)
+        second.start()  # adopts the running server
+        query = ("SELECT count(*) FROM pg_stat_activity"
+                 " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
+        for _ in range(100):
+            if second.psql(query) == "1":
+                break
+            time.sleep(0.05)
+        assert second.stop_unless_in_use() is False
+        assert second.psql("SELECT 1") == "1"  # still serving the first
+    finally:
+        first.kill()
+        first.communicate()  # reaps it and closes its stdin
+    for _ in range(100):  # the first is gone: its backend goes too
+        if cluster.psql(query) == "0":
+            break
+        time.sleep(0.05)
+    assert cluster.stop_unless_in_use() is True
+    assert not (cluster.data_dir / "postmaster.pid").exists()
