@@ -28,10 +28,11 @@ from workers.errors import (
     NoCapacity,
     Overloaded,
     RateLimited,
+    Unavailable,
     UpstreamError,
     UpstreamTimeout,
 )
-from workers.failure import FailureClass
+from workers.failure import LOCAL_RESOURCES, FailureClass
 from workers.job import Event, Failed, Job, Started
 from workers.pool import KeyPool
 from workers.pricing import Prices, cost_micro
@@ -188,6 +189,9 @@ class Dispatcher:
                 retry_after_s=retry_after or 1.0,
             )
         kind = last.failure.kind
+        if last.failure.upstream_code == LOCAL_RESOURCES:
+            return Unavailable("The gateway is out of connections; retry shortly.",
+                               retry_after_s=1.0)
         if kind == FailureClass.TIMEOUT:
             return UpstreamTimeout("The upstream did not answer in time.", retry_after_s=1.0)
         if kind == FailureClass.RATE_LIMITED:

@@ -59,6 +59,10 @@ from typing import Any
 
 import orjson
 
+# ``Failure.upstream_code`` of a failure that is the gateway's own: it ran out of open
+# files or memory while reaching the upstream (no failover, the key is not blamed).
+LOCAL_RESOURCES = "gateway_resources"
+
 
 class FailureClass(StrEnum):
     """What kind of upstream failure happened."""

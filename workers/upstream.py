@@ -10,6 +10,7 @@ test passes): the gateway needs none of ``httpx.AsyncClient``'s per-request mach
 
 from __future__ import annotations
 
+import errno
 import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
@@ -18,7 +19,7 @@ from typing import cast
 
 import httpx
 
-from workers.failure import Failure, classify
+from workers.failure import LOCAL_RESOURCES, Failure, FailureClass, classify
 from workers.upstream_net import LeanTransport
 
 
@@ -60,7 +61,33 @@ class UpstreamResponse:
         return b"".join(parts)
 
 
+# This process ran out of something (open files, buffers, memory): not the upstream's
+# fault, and another key would fail the same way.
+_LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+def _local_exhaustion(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what caused it) is this process running out of resources."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        current = todo.pop()
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _LOCAL_ERRNOS:
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            todo.extend(current.exceptions)
+        todo.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+    return False
+
+
 def _failure_for(exc: httpx.HTTPError) -> TransportFailure:
+    if _local_exhaustion(exc):
+        local = Failure(kind=FailureClass.CONNECT, failover=False, affects_health=False,
+                        retry_after_s=1.0, upstream_code=LOCAL_RESOURCES)
+        return TransportFailure(local, "the gateway is out of sockets")
     timeout = isinstance(exc, httpx.TimeoutException)
     connect = isinstance(exc, httpx.ConnectError | httpx.RemoteProtocolError | httpx.ReadError)
     failure = classify(None, None, timeout=timeout, connect_error=connect or not timeout)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import cast
@@ -30,7 +31,13 @@ from tests.unit.workers.helpers import (
 from workers.accounts import Account, Accounts
 from workers.catalog import Catalog
 from workers.dispatch import Dispatcher, Request
-from workers.errors import NoCapacity, RateLimited, UpstreamError, UpstreamTimeout
+from workers.errors import (
+    NoCapacity,
+    RateLimited,
+    Unavailable,
+    UpstreamError,
+    UpstreamTimeout,
+)
 from workers.health import HealthState
 from workers.pool import KeyPool
 
@@ -206,3 +213,40 @@ async def test_attempts_are_bounded(autojump_clock: MockClock) -> None:
         with pytest.raises(UpstreamError):
             await dispatcher.open(request(), token_budget=BUDGET)
     assert upstream.hosts == ["k1.upstream.test", "k2.upstream.test", "k3.upstream.test"]
+
+
+def _connect_error(cause: OSError) -> Answer:
+    def fail() -> httpx.Response:
+        raise httpx.ConnectError(str(cause)) from cause
+
+    return fail
+
+
+async def test_the_gateway_out_of_files_is_a_503_that_blames_no_key(
+    autojump_clock: MockClock,
+) -> None:
+    """EMFILE on connect is this process's limit, not the upstream's: no failover (the
+    next key would fail the same way), no cool-down, 503 with retry-after."""
+    emfile = OSError(errno.EMFILE, "Too many open files")
+    upstream = by_host({"first": _connect_error(emfile), "second": ok})
+    keys = [make_key("first", priority=1), make_key("second")]
+    async with dispatching(keys, upstream) as (dispatcher, pool):
+        with pytest.raises(Unavailable) as caught:
+            await dispatcher.open(request(), token_budget=BUDGET)
+        assert caught.value.status == 503
+        assert caught.value.retry_after_s == 1.0
+        assert "out of connections" in caught.value.message
+        assert pool.actors["first"].health.state(trio.current_time()) is HealthState.HEALTHY
+    assert upstream.hosts == ["first.upstream.test"]
+
+
+async def test_a_refused_connection_still_fails_over_and_cools_the_key(
+    autojump_clock: MockClock,
+) -> None:
+    refused = ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+    upstream = by_host({"first": _connect_error(refused), "second": ok})
+    keys = [make_key("first", priority=1), make_key("second")]
+    async with dispatching(keys, upstream) as (dispatcher, pool):
+        reply = await dispatcher.open(request(), token_budget=BUDGET)
+        assert reply.started.upstream_key_id == "second"
+        assert pool.actors["first"].health.state(trio.current_time()) is HealthState.COOLING

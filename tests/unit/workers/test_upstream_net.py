@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ssl
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
 from functools import partial
 
@@ -113,3 +115,32 @@ def test_httpcore_exceptions_map_to_their_httpx_counterparts() -> None:
     assert isinstance(to_httpx_error(httpcore.RemoteProtocolError("x")),
                       httpx.RemoteProtocolError)
     assert to_httpx_error(ValueError("x")) is None
+
+
+_OUT_OF_FILES = """
+import os, resource, trio
+from workers.upstream import TransportFailure, UpstreamClient
+
+async def main() -> None:
+    client = UpstreamClient(connect_timeout_s=5.0, max_connections=4)
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    open_now = len(os.listdir("/proc/self/fd")) - 1  # less listdir's own
+    resource.setrlimit(resource.RLIMIT_NOFILE, (open_now, hard))  # not one more
+    try:
+        async with client.post("http://127.0.0.1:9/v1/chat/completions", "sk-x", b"{}"):
+            print("connected?")
+    except TransportFailure as exc:
+        print(exc.failure.upstream_code, exc.failure.failover, exc.failure.affects_health)
+
+trio.run(main)
+"""
+
+
+def test_a_process_out_of_files_is_told_apart_from_an_upstream_failure() -> None:
+    """The real path: trio's connect fails with EMFILE, httpcore and httpx wrap it, and the
+    failure is the gateway's own (no failover, the key not blamed). In a child process,
+    so the lowered limit on open files does not reach the test run."""
+    done = subprocess.run([sys.executable, "-c", _OUT_OF_FILES], capture_output=True,
+                          text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["gateway_resources", "False", "False"]
