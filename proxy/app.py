@@ -9,9 +9,11 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import MutableMapping
 from typing import Any
 
 import orjson
+import trio
 from quart import Response, g, request
 from quart_trio import QuartTrio
 from werkzeug.exceptions import HTTPException
@@ -107,6 +109,26 @@ def _json(data: Any) -> bytes:
     return orjson.dumps(data)
 
 
+def _finish_shielded(send: Send) -> Send:
+    """Quart's ``send`` with the last body message shielded from cancellation.
+
+    hypercorn does its after-response bookkeeping inside that last send, in the app's
+    task: it tells the app the stream is closed (``http.disconnect``), then arms the
+    connection's idle timer. Quart cancels its handler as soon as it sees the disconnect,
+    which cut the send short before the timer was armed: every keep-alive connection
+    that had served an ``/api`` request was then never closed, neither after
+    ``keep_alive_timeout`` nor at shutdown (SIGTERM waited the whole grace period)."""
+
+    async def guarded(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            with trio.CancelScope(shield=True):
+                await send(message)
+        else:
+            await send(message)
+
+    return guarded
+
+
 def build_app(gw: Gateway) -> ASGIApp:
     quart = build_quart(gw)
     v1 = V1App(gw)
@@ -124,6 +146,8 @@ def build_app(gw: Gateway) -> ASGIApp:
             if path == "/metrics":
                 await send_response(send, 200, gw.metrics.render(), [_METRICS_TYPE])
                 return
+        if scope["type"] == "http":
+            send = _finish_shielded(send)
         await quart(scope, receive, send)  # type: ignore[arg-type]
 
     return app

@@ -147,3 +147,39 @@ async def test_sigterm_with_streams_in_flight_loses_no_usage(
         with trio.CancelScope(shield=True):
             await proc.wait()
         log.close()
+
+
+async def test_sigterm_closes_keep_alive_connections_that_served_the_account_api(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """A keep-alive connection idle after an /api (Quart) request is closed at SIGTERM:
+    the process exits at once, not after the whole shutdown grace period (it used to,
+    because Quart cancelled hypercorn's after-response bookkeeping)."""
+    port = _free_port()
+    env = _env(AIRGATE_DATABASE_URL=pg_dsn, AIRGATE_PORT=str(port),
+               AIRGATE_SHUTDOWN_GRACE_S="30")
+    log = (tmp_path / "serve.log").open("wb")
+    proc = await trio.lowlevel.open_process([*AIRGATE, "serve"], env=env, stdout=log,
+                                            stderr=log)
+    try:
+        async def up() -> bool:
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    return (await client.get(f"http://127.0.0.1:{port}/api/health")
+                            ).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(up, timeout_s=60)
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as api:
+            for _ in range(2):  # the same keep-alive connection, left open and idle
+                assert (await api.get("/api/plans")).status_code == 200
+            proc.send_signal(signal.SIGTERM)
+            with trio.fail_after(10):  # far less than the 30 s grace period
+                assert await proc.wait() == 0
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        log.close()
