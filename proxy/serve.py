@@ -146,7 +146,8 @@ async def serve(
             await outer.start(batcher.run)
             dispatcher = Dispatcher(pool, accounts, catalog, batcher.sender.clone(), metrics,
                                     max_attempts=settings.max_attempts,
-                                    dispatch_wait_s=settings.dispatch_wait_s)
+                                    dispatch_wait_s=settings.dispatch_wait_s,
+                                    admission=admission)
             batcher.sender.close()
             async with trio.open_nursery() as inner:
                 await inner.start(pool.run)

@@ -66,7 +66,7 @@ class V1App:
             if route in ROUTES:
                 if not self._admission.try_enter():
                     # Refused at the door, before auth and body parsing: the cheapest answer.
-                    raise self._gw.dispatcher.overloaded(self._admission.retry_after_s())
+                    raise self._gw.dispatcher.overloaded()
                 entered = True
             if route == "/v1/models":
                 await self._models(scope, send, rid)

@@ -9,7 +9,6 @@ the account in memory at once and handed to the usage batcher exactly once.
 from __future__ import annotations
 
 import logging
-import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -34,13 +33,12 @@ from workers.errors import (
 )
 from workers.failure import LOCAL_RESOURCES, FailureClass
 from workers.job import Event, Failed, Job, Started
+from workers.overload import Admission
 from workers.pool import KeyPool
 from workers.pricing import Prices, cost_micro
 from workers.tokens import Usage
 
 _REPLY_BUFFER = 8
-# How long a request refused for overload is told to wait (seconds, uniform in between).
-OVERLOAD_RETRY_S = (0.25, 0.75)
 _FREE = Prices(0, 0, 0)
 log = logging.getLogger("airgate.dispatch")
 
@@ -114,6 +112,7 @@ class Dispatcher:
         *,
         max_attempts: int,
         dispatch_wait_s: float,
+        admission: Admission | None = None,
     ) -> None:
         self._pool = pool
         self._accounts = accounts
@@ -122,6 +121,8 @@ class Dispatcher:
         self._metrics = metrics
         self._max_attempts = max_attempts
         self._dispatch_wait_s = dispatch_wait_s
+        # Knows how long a refused client should wait (off by default: the shortest wait).
+        self._admission = admission if admission is not None else Admission(0.0)
 
     async def admit(self, model_id: str, account: Account, reserve: int, need: int) -> int:
         """Check the model and the account; reserve tokens; return the token budget."""
@@ -208,14 +209,12 @@ class Dispatcher:
         """No more requests: let the batcher drain once every producer has closed."""
         await self._usage.aclose()
 
-    def overloaded(self, retry_after_s: float | None = None) -> Overloaded:
-        """The refusal for a request the gateway has no room for; the wait to tell is
-        jittered by default, so clients refused in one burst do not come back in one."""
+    def overloaded(self) -> Overloaded:
+        """The refusal for a request the gateway has no room for, with the wait the
+        admission control estimates (``workers.overload``), jittered."""
         self._metrics.shed.labels("overloaded").inc()
-        if retry_after_s is None:
-            retry_after_s = random.uniform(*OVERLOAD_RETRY_S)
         return Overloaded("The gateway is overloaded; retry shortly.",
-                          retry_after_s=retry_after_s)
+                          retry_after_s=self._admission.retry_after_s())
 
     async def finish(self, req: Request, reserved: int, reply: Reply | None, status: int) -> None:
         """Bill the request exactly once. Call shielded, whatever happened."""
