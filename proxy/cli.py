@@ -6,7 +6,6 @@ import argparse
 import gc
 import logging
 import resource
-import socket
 import sys
 from functools import partial
 from typing import Any
@@ -51,17 +50,16 @@ def _raise_open_files_limit() -> None:
 def _check_listen(host: str, port: int) -> None:
     """Exit with a one-line message if ``host:port`` cannot be listened on (another
     gateway runs there, say), before the database or anything else is started."""
+    from proxy.supervisor import listen_socket
+
     if port == 0:
         return
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError as exc:
-            print(f"airgate: cannot listen on {host}:{port}: {exc.strerror or exc}",
-                  file=sys.stderr)
-            raise SystemExit(1) from None
+    try:
+        listen_socket(host, port, 1).close()
+    except OSError as exc:
+        print(f"airgate: cannot listen on {host}:{port}: {exc.strerror or exc}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 # Python's cyclic GC runs a young collection every 700 net allocations and, with thousands

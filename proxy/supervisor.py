@@ -33,7 +33,8 @@ log = logging.getLogger("airgate.supervisor")
 _RESTART_PAUSE_S = 1.0
 
 
-def _listen(host: str, port: int, backlog: int) -> socket.socket:
+def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
+    """A listening TCP socket the worker processes can inherit."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -71,7 +72,8 @@ def run_workers(settings: Settings) -> int:
             dsn = cluster.start()
             stack.callback(cluster.stop_unless_in_use)
         trio.run(_migrate, dsn)
-        sock = stack.enter_context(_listen(settings.host, settings.port, settings.listen_backlog))
+        sock = stack.enter_context(
+            listen_socket(settings.host, settings.port, settings.listen_backlog))
         env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}
         count = settings.workers
         procs = [_spawn(i, count, sock.fileno(), env) for i in range(count)]
