@@ -7,10 +7,15 @@ HTTP traffic crosses real sockets to the gateway running in this trio run.
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from pathlib import Path
 from typing import Any, TypeVar
 
 import httpx
@@ -178,3 +183,51 @@ async def harness(
     h.stop.set()
     with trio.fail_after(20):
         await done.wait()
+
+
+# -- the ``airgate`` command as a child process ------------------------------------------
+
+AIRGATE = [sys.executable, "-m", "proxy.cli"]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    """This environment without any ``AIRGATE_*`` of the caller's, plus ``extra``."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRGATE_")}
+    env.update(extra)
+    return env
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@asynccontextmanager
+async def serving(log_dir: Path, **settings: str) -> AsyncIterator[tuple[trio.Process, str]]:
+    """``airgate serve`` in a child process on a free port with these ``AIRGATE_*``
+    settings; yields the process and its base URL once ``/api/health`` answers, and kills
+    it on the way out if it is still running."""
+    port = free_port()
+    log = (log_dir / "serve.log").open("wb")
+    proc = await trio.lowlevel.open_process(
+        [*AIRGATE, "serve"], env=cli_env(AIRGATE_PORT=str(port), **settings),
+        stdout=log, stderr=log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        async def up() -> bool:
+            try:
+                async with httpx.AsyncClient(timeout=5) as client:
+                    return (await client.get(base + "/api/health")).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        await eventually(up, timeout_s=60)
+        yield proc, base
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        with trio.CancelScope(shield=True):
+            await proc.wait()
+        log.close()

@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import trio
 
 from tests.conftest import make_reachable_tmp_dir
-from tests.e2e.conftest import MODELS, eventually
-
-AIRGATE = [sys.executable, "-m", "proxy.cli"]
-
-
-def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("AIRGATE_")}
-    env.update(extra)
-    return env
+from tests.e2e.conftest import AIRGATE, MODELS, serving
+from tests.e2e.conftest import cli_env as _env
 
 
 def test_migrate_runs_an_embedded_cluster_and_is_idempotent() -> None:
@@ -69,33 +60,14 @@ def test_a_port_in_use_is_refused_with_a_message_before_anything_starts() -> Non
         subprocess.run(["rm", "-rf", str(data)], check=False)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 async def test_sigterm_with_streams_in_flight_loses_no_usage(
     pg_dsn: str, mock_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    env = _env(AIRGATE_DATABASE_URL=pg_dsn, AIRGATE_PORT=str(port),
-               AIRGATE_ADMIN_EMAIL="root@airgate.test", AIRGATE_ADMIN_PASSWORD="root-pass-1",
-               AIRGATE_FLUSH_INTERVAL_S="5")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = await trio.lowlevel.open_process([*AIRGATE, "serve"], env=env, stdout=log,
-                                            stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(tmp_path, AIRGATE_DATABASE_URL=pg_dsn,
+                       AIRGATE_ADMIN_EMAIL="root@airgate.test",
+                       AIRGATE_ADMIN_PASSWORD="root-pass-1",
+                       AIRGATE_FLUSH_INTERVAL_S="5") as (proc, base):
         async with httpx.AsyncClient(base_url=base, timeout=20) as api:
-            async def up() -> bool:
-                try:
-                    return (await api.get("/api/health")).status_code == 200
-                except httpx.TransportError:
-                    return False
-
-            await eventually(up, timeout_s=60)
             token = (await api.post("/api/admin/login", json={
                 "email": "root@airgate.test", "password": "root-pass-1"})).json()["token"]
             auth = {"authorization": f"Bearer {token}"}
@@ -141,12 +113,6 @@ async def test_sigterm_with_streams_in_flight_loses_no_usage(
         async with open_store(pg_dsn, pool_size=1) as db:
             rows = await db.fetch("SELECT completion_tokens, status FROM usage_records")
         assert sorted((r["completion_tokens"], r["status"]) for r in rows) == [(10, 200)] * 4
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        log.close()
 
 
 async def test_sigterm_closes_keep_alive_connections_that_served_the_account_api(
@@ -155,31 +121,13 @@ async def test_sigterm_closes_keep_alive_connections_that_served_the_account_api
     """A keep-alive connection idle after an /api (Quart) request is closed at SIGTERM:
     the process exits at once, not after the whole shutdown grace period (it used to,
     because Quart cancelled hypercorn's after-response bookkeeping)."""
-    port = _free_port()
-    env = _env(AIRGATE_DATABASE_URL=pg_dsn, AIRGATE_PORT=str(port),
-               AIRGATE_SHUTDOWN_GRACE_S="30")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = await trio.lowlevel.open_process([*AIRGATE, "serve"], env=env, stdout=log,
-                                            stderr=log)
-    try:
-        async def up() -> bool:
-            try:
-                async with httpx.AsyncClient(timeout=5) as client:
-                    return (await client.get(f"http://127.0.0.1:{port}/api/health")
-                            ).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await eventually(up, timeout_s=60)
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as api:
-            for _ in range(2):  # the same keep-alive connection, left open and idle
-                assert (await api.get("/api/plans")).status_code == 200
-            proc.send_signal(signal.SIGTERM)
-            with trio.fail_after(10):  # far less than the 30 s grace period
-                assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        log.close()
+    async with (
+        serving(tmp_path, AIRGATE_DATABASE_URL=pg_dsn,
+                AIRGATE_SHUTDOWN_GRACE_S="30") as (proc, base),
+        httpx.AsyncClient(base_url=base, timeout=10) as api,
+    ):
+        for _ in range(2):  # the same keep-alive connection, left open and idle
+            assert (await api.get("/api/plans")).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        with trio.fail_after(10):  # far less than the 30 s grace period
+            assert await proc.wait() == 0

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import re
 import signal
-import sys
 from pathlib import Path
 
 import httpx
 import trio
 
-from tests.e2e.conftest import MODELS, eventually
-from tests.e2e.test_cli import _env, _free_port
+from tests.e2e.conftest import MODELS, eventually, serving
 
 CHAT = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -19,27 +17,15 @@ CHAT = {"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "
 async def test_two_workers_share_one_port_and_a_keys_rpm(
     pg_dsn: str, mock_url: str, tmp_path: Path
 ) -> None:
-    port = _free_port()
-    env = _env(AIRGATE_DATABASE_URL=pg_dsn, AIRGATE_PORT=str(port),
-               AIRGATE_ADMIN_EMAIL="root@airgate.test", AIRGATE_ADMIN_PASSWORD="root-pass-1",
-               AIRGATE_WORKERS="2", AIRGATE_ACCESS_LOG="false")
-    log = (tmp_path / "serve.log").open("wb")
-    proc = await trio.lowlevel.open_process([sys.executable, "-m", "proxy.cli", "serve"],
-                                            env=env, stdout=log, stderr=log)
-    base = f"http://127.0.0.1:{port}"
-    try:
+    async with serving(tmp_path, AIRGATE_DATABASE_URL=pg_dsn,
+                       AIRGATE_ADMIN_EMAIL="root@airgate.test",
+                       AIRGATE_ADMIN_PASSWORD="root-pass-1", AIRGATE_WORKERS="2",
+                       AIRGATE_ACCESS_LOG="false") as (proc, base):
         # Fresh connections, so the kernel spreads them over both processes.
         async def call(method: str, path: str, **kwargs: object) -> httpx.Response:
             async with httpx.AsyncClient(base_url=base, timeout=20) as client:
                 return await client.request(method, path, **kwargs)  # type: ignore[arg-type]
 
-        async def up() -> bool:
-            try:
-                return (await call("GET", "/api/health")).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        await eventually(up, timeout_s=60)
         token = (await call("POST", "/api/admin/login", json={
             "email": "root@airgate.test", "password": "root-pass-1"})).json()["token"]
         auth = {"authorization": f"Bearer {token}"}
@@ -72,9 +58,3 @@ async def test_two_workers_share_one_port_and_a_keys_rpm(
         proc.send_signal(signal.SIGTERM)
         with trio.fail_after(40):
             assert await proc.wait() == 0
-    finally:
-        if proc.returncode is None:
-            proc.kill()
-        with trio.CancelScope(shield=True):
-            await proc.wait()
-        log.close()
