@@ -7,7 +7,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -177,18 +177,20 @@ def test_a_leaving_process_leaves_a_cluster_another_one_still_uses(
         second.start()  # adopts the running server
         query = ("SELECT count(*) FROM pg_stat_activity"
                  " WHERE backend_type = 'client backend' AND pid <> pg_backend_pid()")
-        for _ in range(100):
-            if second.psql(query) == "1":
-                break
-            time.sleep(0.05)
+        _until(lambda: second.psql(query) == "1")  # the first's connection is seen
         assert second.stop_unless_in_use() is False
         assert second.psql("SELECT 1") == "1"  # still serving the first
     finally:
         first.kill()
         first.communicate()  # reaps it and closes its stdin
-    for _ in range(100):  # the first is gone: its backend goes too
-        if cluster.psql(query) == "0":
-            break
-        time.sleep(0.05)
+    _until(lambda: cluster.psql(query) == "0")  # the first is gone: its backend goes too
     assert cluster.stop_unless_in_use() is True
     assert not (cluster.data_dir / "postmaster.pid").exists()
+
+
+def _until(check: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    """Poll another process's state (a server's view of its clients) until ``check``."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.05)
