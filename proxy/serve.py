@@ -23,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from observability.metrics import Metrics
 from proxy.app import build_app
+from proxy.direct_send import use_direct_send
 from proxy.gateway import Gateway
 from proxy.metrics_wiring import register_snapshots
 from proxy.settings import Settings
@@ -164,6 +165,7 @@ async def serve(
                 await inner.start(admission.run)
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
+                    use_direct_send(settings.direct_send)
                     binds = await http.start(
                         _serve_http, build_app(gw), _hypercorn_config(settings, slot), stop
                     )

@@ -68,6 +68,7 @@ class Settings:
     login_failures_per_ip: int = 20
     log_level: str = "info"
     access_log: bool = True
+    direct_send: bool = True  # write to a client socket at once when it has room
 
     def __post_init__(self) -> None:
         problems: list[str] = []

@@ -11,10 +11,13 @@ inside a chunk.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
+
 import trio
 
 from proxy.asgi import Send
 from proxy.asgi import send_response as send_whole
+from proxy.direct_send import chunk_writer
 from workers.dispatch import Reply
 
 _SSE_HEADERS = [
@@ -26,12 +29,18 @@ _PING = b": ping\n\n"
 
 
 class ClientSink:
-    """The client's end of one stream: ASGI body sends, one writer at a time."""
+    """The client's end of one stream: body chunks, one writer at a time.
 
-    __slots__ = ("_busy", "_free", "_send", "last")
+    Chunks go through ``direct`` (``proxy.direct_send.chunk_writer``) when the server
+    offers one and it still applies, else as ASGI messages.
+    """
 
-    def __init__(self, send: Send) -> None:
+    __slots__ = ("_busy", "_direct", "_free", "_send", "last")
+
+    def __init__(self, send: Send,
+                 direct: Callable[[bytes], Awaitable[bool]] | None = None) -> None:
         self._send = send
+        self._direct = direct
         self._busy = False
         self._free: trio.Event | None = None  # made only when a second writer must wait
         self.last = trio.current_time()  # when the client was last sent something
@@ -43,7 +52,9 @@ class ClientSink:
             await self._free.wait()
         self._busy = True
         try:
-            await self._send({"type": "http.response.body", "body": data, "more_body": True})
+            if self._direct is None or not await self._direct(data):
+                await self._send({"type": "http.response.body", "body": data,
+                                  "more_body": True})
         finally:
             self._busy = False
             self.last = trio.current_time()
@@ -65,7 +76,7 @@ async def relay_reply(
         return
     await send({"type": "http.response.start", "status": started.status,
                 "headers": [*_SSE_HEADERS, rid]})
-    sink = ClientSink(send)
+    sink = ClientSink(send, chunk_writer(send))
     # Take what is queued and hand the sink over in one step (no checkpoint between): the
     # key actor writes every later chunk straight to the client, and the sink lets it
     # through only after the queued bytes. (Handing over only once a look found the

@@ -1,0 +1,254 @@
+"""Direct writes to the client (proxy.direct_send) on a real hypercorn server on loopback.
+
+The client side is raw sockets parsed with h11, so the framing the server wrote is
+checked byte for byte, and the tests control how fast the client reads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import pytest
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+from hypercorn.trio.tcp_server import TCPServer
+
+from proxy.direct_send import DirectSendServer, chunk_writer, use_direct_send
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+def with_lifespan(app: App) -> App:
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        else:
+            await app(scope, receive, send)
+    return wrapped
+
+
+@asynccontextmanager
+async def serving(app: App, *, direct: bool = True) -> AsyncIterator[int]:
+    """hypercorn's trio worker serving the HTTP ``app`` on a free loopback port."""
+    assert use_direct_send(direct) is direct
+    config = Config()
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.5
+    stop = trio.Event()
+    try:
+        async with trio.open_nursery() as nursery:
+            binds = await nursery.start(lambda task_status: serve(
+                with_lifespan(app), config, shutdown_trigger=stop.wait, task_status=task_status))
+            yield int(binds[0].rsplit(":", 1)[1])
+            stop.set()
+    finally:
+        use_direct_send(True)
+
+
+def request(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode()
+
+
+async def read_response(
+    stream: trio.SocketStream, conn: h11.Connection, *, pause_s: float = 0.0,
+    read_size: int = 65536,
+) -> tuple[h11.Response, bytes]:
+    """One response, parsed by h11; ``pause_s`` first (a client slow to start reading)."""
+    await trio.sleep(pause_s)
+    head: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(read_size))
+        elif isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return head, bytes(body)
+        else:
+            raise AssertionError(f"unexpected {event!r}")
+
+
+def client_connection() -> h11.Connection:
+    return h11.Connection(h11.CLIENT)
+
+
+async def send_request(stream: trio.SocketStream, conn: h11.Connection, path: str) -> None:
+    await stream.send_all(conn.send(h11.Request(method="GET", target=path,
+                                                headers=[("host", "t")])))
+    await stream.send_all(conn.send(h11.EndOfMessage()))
+
+
+def payload(n: int, size: int) -> list[bytes]:
+    return [bytes([65 + i % 26]) * size + f"|{i}\n".encode() for i in range(n)]
+
+
+async def test_a_streamed_body_is_framed_in_order_and_the_connection_is_reused() -> None:
+    writers: list[bool] = []
+    chunks = payload(50, 100)
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/whole":
+            body = b"whole body"
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        write = chunk_writer(send)
+        writers.append(write is not None)
+        assert write is not None
+        for chunk in chunks:
+            assert await write(chunk)
+        assert await write(b"")  # nothing to write, and no end-of-body marker
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async with serving(app) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        for path in ("/stream", "/whole", "/stream"):
+            await send_request(stream, conn, path)
+            head, body = await read_response(stream, conn)
+            assert head.status_code == 200
+            assert body == (b"whole body" if path == "/whole" else b"".join(chunks))
+            conn.start_next_cycle()  # keep-alive: the same connection serves the next
+        await stream.aclose()
+    assert writers == [True, True]
+
+
+async def test_a_full_socket_buffer_hands_the_rest_to_hypercorn_in_order(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A slow reader and a small send buffer: most writes go in part or not at all, and
+    what the kernel did not take goes hypercorn's way, after what it did take."""
+    handed: list[int] = []
+    original = TCPServer.protocol_send
+
+    async def counting(self: TCPServer, event: Any) -> None:
+        handed.append(len(getattr(event, "data", b"")))
+        await original(self, event)
+
+    monkeypatch.setattr(TCPServer, "protocol_send", counting)
+    chunks = payload(400, 10_000)  # ~4 MB
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        server = send.__self__.send.__self__.send.__self__
+        assert isinstance(server, DirectSendServer)
+        server.stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        write = chunk_writer(send)
+        assert write is not None
+        for chunk in chunks:
+            assert await write(chunk)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async with serving(app) as port:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8192)
+        await sock.connect(("127.0.0.1", port))
+        stream = trio.SocketStream(sock)
+        conn = client_connection()
+        await send_request(stream, conn, "/big")
+        _, body = await read_response(stream, conn, pause_s=0.2, read_size=4096)
+        await stream.aclose()
+    assert hashlib.sha256(body).digest() == hashlib.sha256(b"".join(chunks)).digest()
+    assert sum(1 for size in handed if size) > 10  # the fallback was really taken
+
+
+async def test_a_client_that_leaves_mid_stream_ends_the_writer_not_the_server() -> None:
+    outcome: dict[str, Any] = {}
+    ended = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        if scope["path"] == "/ping":
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-length", b"4")]})
+            await send({"type": "http.response.body", "body": b"pong"})
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        write = chunk_writer(send)
+        assert write is not None
+        with trio.move_on_after(10) as timeout:
+            sent = 0
+            while await write(b"x" * 1000 + b"\n"):
+                sent += 1
+                await trio.sleep(0.005)
+        outcome["sent"] = sent
+        outcome["timed_out"] = timeout.cancelled_caught
+        ended.set()
+        # After the writer gives up, ASGI sends are what hypercorn ignores or ends.
+        await send({"type": "http.response.body", "body": b"late", "more_body": True})
+
+    async with serving(app) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        await send_request(stream, conn, "/stream")
+        first = await stream.receive_some(4096)
+        assert first.startswith(b"HTTP/1.1 200")
+        await stream.aclose()  # the client leaves mid-stream
+        with trio.fail_after(5):
+            await ended.wait()
+        # The server still serves new connections.
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        await send_request(stream, conn, "/ping")
+        head, body = await read_response(stream, conn)
+        await stream.aclose()
+    assert outcome["timed_out"] is False
+    assert outcome["sent"] >= 1
+    assert (head.status_code, body) == (200, b"pong")
+
+
+async def test_no_writer_without_direct_send_or_outside_hypercorn() -> None:
+    found: list[object] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        found.append(chunk_writer(send))
+        await send({"type": "http.response.body", "body": b"ok", "more_body": False})
+
+    async with serving(app, direct=False) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        await send_request(stream, conn, "/")
+        _, body = await read_response(stream, conn)
+        await stream.aclose()
+    assert found == [None]
+    assert body == b"ok"
+
+    async def plain_send(message: Any) -> None:
+        pass
+
+    assert chunk_writer(plain_send) is None
+
+
+async def test_a_content_length_body_gets_no_chunk_writer() -> None:
+    found: list[object] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-length", b"2")]})
+        found.append(chunk_writer(send))
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async with serving(app) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        await send_request(stream, conn, "/")
+        _, body = await read_response(stream, conn)
+        await stream.aclose()
+    assert found == [None]
+    assert body == b"ok"
