@@ -7,15 +7,18 @@ streamed completion does one read per SSE burst, and loadtest/bench's profile sh
 those two costing ~6 % of the gateway's CPU on realistic streams. Here a read is the
 bare ``receive_some`` inside one ``try`` (the gateway's own cancel scopes bound first
 byte and idle time), and a response body is iterated without httpx's extra generator
-layers. Connect and TLS set-up keep their timeouts. httpcore's exceptions become httpx's,
-so callers see one exception family whichever transport they are given. (The methods
-take ``timeout`` arguments because httpcore's backend interface does.)
+layers. A write on a plain connection is offered to the socket first and is done
+without yielding when the socket takes it all. Connect and TLS set-up keep their
+timeouts. httpcore's exceptions become httpx's, so callers see one exception family
+whichever transport they are given. (The methods take ``timeout`` arguments because
+httpcore's backend interface does.)
 
 Imports nothing from the gateway.
 """
 
 from __future__ import annotations
 
+import os
 import ssl
 from collections.abc import AsyncIterator, Iterable
 from typing import Any
@@ -74,6 +77,17 @@ class _TrioStream(httpcore.AsyncNetworkStream):
     async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
         if not buffer:
             return
+        stream = self._stream
+        if type(stream) is trio.SocketStream:
+            # A request usually fits the socket's buffer: written at once, without the
+            # pass through the scheduler that send_all makes. fileno() is -1 once closed.
+            try:
+                sent = os.write(stream.socket.fileno(), buffer)
+            except OSError:  # a full buffer, or a dead socket that send_all reports
+                sent = 0
+            if sent == len(buffer):
+                return
+            buffer = buffer[sent:]
         try:
             if timeout is None:
                 await self._stream.send_all(buffer)

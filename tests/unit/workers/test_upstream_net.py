@@ -86,6 +86,32 @@ async def test_streams_a_chunked_body_and_reuses_the_connection() -> None:
     assert b"Content-Length: 7" in seen[0]
 
 
+async def test_a_request_larger_than_the_socket_buffer_arrives_whole() -> None:
+    """The first part goes straight into the socket, the rest through send_all."""
+    body = bytes(range(256)) * 16_384  # 4 MiB, far more than a socket buffer takes
+    seen: list[bytes] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await trio.sleep(0.1)  # a server slow to start reading: the buffers fill up
+        seen.append(await _read_request(stream))
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    with trio.fail_after(5):  # a lost part would leave the server waiting for it
+        await _post_large(handler, body)
+    assert seen[0].partition(b"\r\n\r\n")[2] == body
+
+
+async def _post_large(handler: Handler, body: bytes) -> None:
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = _transport()
+        request = httpx.Request("POST", f"http://127.0.0.1:{port}/v1/x", content=body)
+        response = await transport.handle_async_request(request)
+        assert await _body(response) == b"ok"
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_refused_connection_is_an_httpx_connect_error() -> None:
     with trio.socket.socket() as probe:
         await probe.bind(("127.0.0.1", 0))
