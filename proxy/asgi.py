@@ -6,6 +6,7 @@ the hot path: it costs ~0.1 ms a request that a relay does not need.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping
 from typing import Any
 
@@ -93,3 +94,10 @@ async def send_response(
     all_headers = [*headers, (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": all_headers})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def drain_body(scope: Scope, receive: Receive, limit: int, timeout_s: float = 1.0) -> None:
+    """Read and drop a request body nobody needs, if it is at most ``limit`` bytes and
+    comes within ``timeout_s``; a client that leaves meanwhile is no error."""
+    with trio.move_on_after(timeout_s), contextlib.suppress(BodyTooLargeError, ClientGone):
+        await read_body(scope, receive, limit)

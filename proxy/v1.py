@@ -18,7 +18,16 @@ from typing import Any
 import orjson
 import trio
 
-from proxy.asgi import BodyTooLargeError, ClientGone, Receive, Scope, Send, header, read_body
+from proxy.asgi import (
+    BodyTooLargeError,
+    ClientGone,
+    Receive,
+    Scope,
+    Send,
+    drain_body,
+    header,
+    read_body,
+)
 from proxy.asgi import send_response as send_whole
 from proxy.gateway import Gateway
 from proxy.v1_request import ROUTES, parse_request
@@ -62,6 +71,7 @@ class V1App:
         started = time.perf_counter()
         status = 200
         entered = False
+        body_read = [False]
         try:
             if route in ROUTES:
                 if not self._admission.try_enter():
@@ -75,9 +85,15 @@ class V1App:
             elif scope["method"] != "POST":
                 raise InvalidRequest(f"Method {scope['method']} not allowed on {path}")
             else:
-                status = await self._complete(scope, receive, send, request_id, rid, route)
+                status = await self._complete(scope, receive, send, request_id, rid, route,
+                                              body_read)
         except GatewayError as err:
             status = err.status
+            if not body_read[0]:
+                # Answered before its body was read (refused at the door, a bad key...):
+                # read it first, or hypercorn cannot reuse the connection and closes it,
+                # and a close with unread bytes is a reset that can lose the answer.
+                await drain_body(scope, receive, self._limit)
             metrics.requests.labels(route if route in ROUTES else "other", "",
                                     f"{err.status // 100}xx").inc()
             await send_error(send, err, rid)
@@ -99,7 +115,7 @@ class V1App:
 
     async def _complete(
         self, scope: Scope, receive: Receive, send: Send, request_id: str,
-        rid: tuple[bytes, bytes], route: str,
+        rid: tuple[bytes, bytes], route: str, body_read: list[bool],
     ) -> int:
         """Serve one completion request; return the status recorded for it."""
         gw = self._gw
@@ -108,6 +124,8 @@ class V1App:
             raw = await read_body(scope, receive, self._limit)
         except BodyTooLargeError:
             raise BodyTooLarge(f"Request body is larger than {self._limit} bytes.") from None
+        finally:
+            body_read[0] = True
         endpoint, upstream_path = ROUTES[route]
         parsed = parse_request(raw, endpoint)
         prompt = estimate_prompt_tokens(parsed.body, endpoint)
@@ -216,6 +234,14 @@ def _bearer(scope: Scope) -> str:
 
 
 async def send_error(send: Send, err: GatewayError, rid: tuple[bytes, bytes]) -> None:
+    status, headers, body = error_response(err, rid)
+    await send_whole(send, status, body, headers)
+
+
+def error_response(
+    err: GatewayError, rid: tuple[bytes, bytes]
+) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(status, headers, body) of the OpenAI error JSON answering ``err``."""
     headers = [_JSON, rid]
     if err.retry_after_s is not None:
         # Whole seconds for every client, and milliseconds for those that read them (the
@@ -224,4 +250,4 @@ async def send_error(send: Send, err: GatewayError, rid: tuple[bytes, bytes]) ->
         headers.append((b"retry-after-ms", str(max(1, round(err.retry_after_s * 1000))).encode()))
     if err.code in ("insufficient_quota", "plan_expired") or not err.retryable:
         headers.append((b"x-should-retry", b"false"))
-    await send_whole(send, err.status, orjson.dumps(openai_error_body(err)), headers)
+    return err.status, headers, orjson.dumps(openai_error_body(err))

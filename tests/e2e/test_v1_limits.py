@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 
+import h11
 import httpx
 import openai
+import orjson
 import pytest
 import trio
 
@@ -15,6 +17,7 @@ from tests.e2e.conftest import (
     in_thread,
     start_gateway,
 )
+from tests.http1 import read_response
 from workers.overload import WAIT_S
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -145,3 +148,84 @@ async def test_while_the_gateway_lags_completions_are_refused_at_the_door(
     rows = await harness.wait_for_usage(user_id, 1)
     assert len(rows) == 1
     assert (await harness.mock_stats())["requests"]["mock-healthy"] == 1
+
+
+async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harness) -> None:
+    """A completion that arrives in one read while shedding is refused by the connection
+    handler (proxy.early_refusal) before hypercorn parses it: the same 429 as the app's
+    own door, counted the same, and the connection serves the next request."""
+    await harness.add_key()
+    user_id, key = await harness.add_user()
+    body = b'{"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi"}]}'
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+               b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
+               b"content-length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
+    host, port = harness.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    conn = h11.Connection(h11.CLIENT)
+
+    async def ask() -> tuple[h11.Response, bytes]:
+        await stream.send_all(request)  # one write: one read on the server
+        conn.send(h11.Request(method="POST", target="/v1/chat/completions",
+                              headers=[("host", "gw"), ("content-length", str(len(body)))]))
+        conn.send(h11.Data(data=body))
+        conn.send(h11.EndOfMessage())
+        head, data = await read_response(stream, conn)
+        conn.start_next_cycle()
+        return head, data
+
+    shed_before = harness.gw.metrics.registry.get_sample_value(
+        "airgate_shed_requests_total", {"reason": "overloaded"}) or 0.0
+    harness.gw.admission.limit = 0
+    try:
+        head, data = await ask()
+    finally:
+        harness.gw.admission.limit = math.inf
+    headers = dict(head.headers)
+    assert head.status_code == 429
+    assert headers[b"content-type"] == b"application/json"
+    assert headers[b"x-request-id"].startswith(b"req_")
+    assert int(headers[b"retry-after"]) == 1
+    assert 0.75 * WAIT_S[0] * 1000 <= int(headers[b"retry-after-ms"]) <= 1.25 * WAIT_S[0] * 1000
+    assert orjson.loads(data)["error"]["code"] == "gateway_overloaded"
+    assert harness.gw.metrics.registry.get_sample_value(
+        "airgate_shed_requests_total", {"reason": "overloaded"}) == shed_before + 1
+    assert harness.gw.metrics.registry.get_sample_value(
+        "airgate_requests_total", {"route": "/v1/chat/completions", "model": "",
+                                   "status_class": "4xx"}) == 1
+    assert harness.gw.admission.inflight == 0
+    # The same connection, no longer shedding: served and billed.
+    head, data = await ask()
+    await stream.aclose()
+    assert head.status_code == 200
+    assert orjson.loads(data)["choices"][0]["message"]["content"]
+    rows = await harness.wait_for_usage(user_id, 1)
+    assert len(rows) == 1
+
+
+async def test_an_error_before_the_body_arrived_still_leaves_the_connection_usable(
+    harness: Harness,
+) -> None:
+    """A bad key is refused before the body is read; the body comes later. The gateway
+    reads it before answering, so the connection serves the next request (unread, it
+    would make hypercorn close the connection, and the close could lose the answer)."""
+    body = b'{"model": "deepseek-v4-flash", "messages": []}'
+    head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+            b"authorization: Bearer sk-not-a-key\r\ncontent-length: %d\r\n\r\n" % len(body))
+    host, port = harness.base_url.removeprefix("http://").rsplit(":", 1)
+    stream = await trio.open_tcp_stream(host, int(port))
+    conn = h11.Connection(h11.CLIENT)
+    for _ in range(2):
+        await stream.send_all(head)
+        await trio.sleep(0.2)  # the head alone reaches the gateway, which answers at once
+        await stream.send_all(body)
+        conn.send(h11.Request(method="POST", target="/v1/chat/completions",
+                              headers=[("host", "gw"), ("content-length", str(len(body)))]))
+        conn.send(h11.Data(data=body))
+        conn.send(h11.EndOfMessage())
+        with trio.fail_after(5):
+            response, data = await read_response(stream, conn)
+        assert response.status_code == 401
+        assert orjson.loads(data)["error"]["code"] == "invalid_api_key"
+        conn.start_next_cycle()
+    await stream.aclose()
