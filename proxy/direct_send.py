@@ -1,6 +1,6 @@
 """Writing a response to the client without two passes through the trio scheduler.
 
-Owns :class:`DirectSendServer`, :func:`use_direct_send` and :func:`chunk_writer`. hypercorn's
+Owns :class:`DirectSendServer`, :func:`configure` and :func:`chunk_writer`. hypercorn's
 trio worker writes every piece of a response (the head, each body chunk, the end)
 through ``TCPServer.protocol_send``: an uncontended ``trio.Lock`` (one pass through the
 scheduler) and then ``SocketStream.send_all`` (another), even when the socket's buffer
@@ -35,21 +35,70 @@ from typing import Any
 import h11
 import trio
 from h11._writers import ChunkedWriter
+from hypercorn.config import Config
 from hypercorn.events import RawData
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio import run as hypercorn_run
 from hypercorn.trio.tcp_server import TCPServer
 
+from proxy.early_refusal import EarlyDoor, encode_response, one_request
+
+_DIRECT = "airgate_direct_send"  # attributes this module sets on hypercorn's Config
+_DOOR = "airgate_early_door"
+
 
 class DirectSendServer(TCPServer):
-    """hypercorn's connection handler with direct writes (see the module docstring)."""
+    """hypercorn's connection handler with direct writes (see the module docstring).
+
+    Behaves exactly as hypercorn's own when its config was not set up by
+    :func:`configure` with ``direct_send=True``.
+    """
+
+    def __init__(self, app: Any, config: Config, context: Any, state: Any,
+                 stream: Any) -> None:
+        super().__init__(app, config, context, state, stream)
+        self.direct: bool = getattr(config, _DIRECT, False)
+        self._door: EarlyDoor | None = getattr(config, _DOOR, None) if self.direct else None
 
     async def protocol_send(self, event: Any) -> None:
-        if type(event) is RawData:
+        if type(event) is RawData and self.direct:
             await self.send_bytes(event.data)
         else:
             await super().protocol_send(event)
+
+    async def _read_data(self) -> None:
+        door = self._door
+        if door is not None:
+            handle = self.protocol.handle
+
+            async def screened(event: Any) -> None:
+                if type(event) is RawData and door.shedding() and await self._refused(
+                        door, event.data):
+                    return
+                await handle(event)
+
+            self.protocol.handle = screened  # type: ignore[method-assign]
+        await super()._read_data()
+
+    async def _refused(self, door: EarlyDoor, data: bytes) -> bool:
+        """Answer a whole request the door refuses without parsing it through h11 or
+        starting a task for it; False (nothing done) for anything else."""
+        protocol = self.protocol.protocol
+        if type(protocol) is not H11Protocol or protocol.stream is not None:
+            return False
+        connection = protocol.connection
+        if type(connection) is not h11.Connection or connection.our_state is not h11.IDLE \
+                or connection.their_state is not h11.IDLE or connection.trailing_data[0]:
+            return False  # between requests, with nothing of the next one buffered
+        request = one_request(data)
+        if request is None:
+            return False
+        answer = door.refusal(*request)
+        if answer is None:
+            return False
+        await self.send_bytes(encode_response(*answer, self.config.response_headers("h11")))
+        return True
 
     async def send_bytes(self, data: bytes) -> None:
         """Write ``data`` on this connection, directly when it can be done at once."""
@@ -71,18 +120,22 @@ class DirectSendServer(TCPServer):
         await super().protocol_send(RawData(data=data))
 
 
-def use_direct_send(enabled: bool) -> bool:
-    """Make hypercorn's trio worker use :class:`DirectSendServer` (or its own
-    ``TCPServer`` again) for the connections it accepts from now on; True if it does.
+def configure(config: Config, *, direct_send: bool, door: EarlyDoor | None = None) -> bool:
+    """Serve ``config``'s connections with :class:`DirectSendServer`: direct writes when
+    ``direct_send``, and early refusals from ``door`` (with direct writes only). True if
+    direct writes are on.
 
-    Changes nothing when the installed hypercorn is not laid out as expected: every
-    write then simply goes hypercorn's way.
+    Makes hypercorn's trio worker create :class:`DirectSendServer` for every connection
+    it accepts (it looks the name up in ``hypercorn.trio.run`` each time); a server whose
+    config was not configured here behaves as hypercorn's own. Changes nothing when the
+    installed hypercorn is not laid out as expected: every write then goes hypercorn's way.
     """
     if getattr(hypercorn_run, "TCPServer", None) not in (TCPServer, DirectSendServer):
         return False
-    # hypercorn.trio.run looks the name up when it accepts a connection.
-    setattr(hypercorn_run, "TCPServer", DirectSendServer if enabled else TCPServer)  # noqa: B010
-    return enabled
+    setattr(hypercorn_run, "TCPServer", DirectSendServer)  # noqa: B010  # not re-exported
+    setattr(config, _DIRECT, direct_send)
+    setattr(config, _DOOR, door)
+    return direct_send
 
 
 def chunk_writer(send: Callable[..., Awaitable[None]]) -> Callable[[bytes], Awaitable[bool]] | None:
@@ -100,7 +153,7 @@ def chunk_writer(send: Callable[..., Awaitable[None]]) -> Callable[[bytes], Awai
     if type(protocol) is not H11Protocol:
         return None
     server = getattr(protocol.send, "__self__", None)
-    if not isinstance(server, DirectSendServer):
+    if not isinstance(server, DirectSendServer) or not server.direct:
         return None
     connection = protocol.connection
     if type(connection) is not h11.Connection \

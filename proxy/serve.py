@@ -23,10 +23,11 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from observability.metrics import Metrics
 from proxy.app import build_app
-from proxy.direct_send import use_direct_send
+from proxy.direct_send import configure
 from proxy.gateway import Gateway
 from proxy.metrics_wiring import register_snapshots
 from proxy.settings import Settings
+from proxy.v1_door import V1Door
 from store.batcher import UsageBatcher
 from store.bootstrap import ensure_admin, jwt_secret
 from store.db import Database
@@ -165,10 +166,9 @@ async def serve(
                 await inner.start(admission.run)
                 inner.start_soon(_signals, stop)
                 async with trio.open_nursery() as http:
-                    use_direct_send(settings.direct_send)
-                    binds = await http.start(
-                        _serve_http, build_app(gw), _hypercorn_config(settings, slot), stop
-                    )
+                    config = _hypercorn_config(settings, slot)
+                    configure(config, direct_send=settings.direct_send, door=V1Door(gw))
+                    binds = await http.start(_serve_http, build_app(gw), config, stop)
                     log.info("airgate listening on %s", ", ".join(binds))
                     # On an inherited socket hypercorn reports the fd, not an address.
                     own_url = f"http://{settings.host}:{settings.port}" if slot else binds[0]

@@ -81,6 +81,10 @@ class Admission:
         self.inflight += 1
         return True
 
+    def refuse(self) -> None:
+        """Count a request refused without asking ``try_enter`` (it saw ``shedding``)."""
+        self._refused += 1
+
     def leave(self) -> None:
         self.inflight -= 1
         self._completed += 1

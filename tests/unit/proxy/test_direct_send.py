@@ -8,78 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any
 
 import h11
 import pytest
 import trio
-from hypercorn.config import Config
-from hypercorn.trio import serve
 from hypercorn.trio.tcp_server import TCPServer
 
-from proxy.direct_send import DirectSendServer, chunk_writer, use_direct_send
-
-App = Callable[[Any, Any, Any], Awaitable[None]]
-
-
-def with_lifespan(app: App) -> App:
-    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while (await receive())["type"] != "lifespan.shutdown":
-                await send({"type": "lifespan.startup.complete"})
-            await send({"type": "lifespan.shutdown.complete"})
-        else:
-            await app(scope, receive, send)
-    return wrapped
-
-
-@asynccontextmanager
-async def serving(app: App, *, direct: bool = True) -> AsyncIterator[int]:
-    """hypercorn's trio worker serving the HTTP ``app`` on a free loopback port."""
-    assert use_direct_send(direct) is direct
-    config = Config()
-    config.bind = ["127.0.0.1:0"]
-    config.accesslog = None
-    config.errorlog = None
-    config.graceful_timeout = 0.5
-    stop = trio.Event()
-    try:
-        async with trio.open_nursery() as nursery:
-            binds = await nursery.start(lambda task_status: serve(
-                with_lifespan(app), config, shutdown_trigger=stop.wait, task_status=task_status))
-            yield int(binds[0].rsplit(":", 1)[1])
-            stop.set()
-    finally:
-        use_direct_send(True)
-
-
-def request(path: str) -> bytes:
-    return f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode()
-
-
-async def read_response(
-    stream: trio.SocketStream, conn: h11.Connection, *, pause_s: float = 0.0,
-    read_size: int = 65536,
-) -> tuple[h11.Response, bytes]:
-    """One response, parsed by h11; ``pause_s`` first (a client slow to start reading)."""
-    await trio.sleep(pause_s)
-    head: h11.Response | None = None
-    body = bytearray()
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            conn.receive_data(await stream.receive_some(read_size))
-        elif isinstance(event, h11.Response):
-            head = event
-        elif isinstance(event, h11.Data):
-            body += event.data
-        elif isinstance(event, h11.EndOfMessage):
-            assert head is not None
-            return head, bytes(body)
-        else:
-            raise AssertionError(f"unexpected {event!r}")
+from proxy.direct_send import DirectSendServer, chunk_writer
+from tests.http1 import read_response, serving
 
 
 def client_connection() -> h11.Connection:

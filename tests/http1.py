@@ -1,0 +1,70 @@
+"""Test helpers for HTTP/1.1 at the byte level: hypercorn serving a bare ASGI app on
+loopback (with proxy.direct_send configured), and reading a response with h11."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from typing import Any
+
+import h11
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from proxy.direct_send import configure
+from proxy.early_refusal import EarlyDoor
+
+App = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+def with_lifespan(app: App) -> App:
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+        else:
+            await app(scope, receive, send)
+    return wrapped
+
+
+@asynccontextmanager
+async def serving(app: App, *, direct: bool = True,
+                  door: EarlyDoor | None = None) -> AsyncIterator[int]:
+    """hypercorn's trio worker serving the HTTP ``app`` on a free loopback port."""
+    config = Config()
+    assert configure(config, direct_send=direct, door=door) is direct
+    config.bind = ["127.0.0.1:0"]
+    config.accesslog = None
+    config.errorlog = None
+    config.graceful_timeout = 0.5
+    stop = trio.Event()
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(lambda task_status: serve(
+            with_lifespan(app), config, shutdown_trigger=stop.wait, task_status=task_status))
+        yield int(binds[0].rsplit(":", 1)[1])
+        stop.set()
+
+
+async def read_response(
+    stream: trio.SocketStream, conn: h11.Connection, *, pause_s: float = 0.0,
+    read_size: int = 65536,
+) -> tuple[h11.Response, bytes]:
+    """One response, parsed by h11; ``pause_s`` first (a client slow to start reading)."""
+    await trio.sleep(pause_s)
+    head: h11.Response | None = None
+    body = bytearray()
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await stream.receive_some(read_size))
+        elif isinstance(event, h11.Response):
+            head = event
+        elif isinstance(event, h11.Data):
+            body += event.data
+        elif isinstance(event, h11.EndOfMessage):
+            assert head is not None
+            return head, bytes(body)
+        else:
+            raise AssertionError(f"unexpected {event!r}")
