@@ -30,16 +30,19 @@ def with_lifespan(app: App) -> App:
 
 
 @asynccontextmanager
-async def serving(app: App, *, direct: bool = True,
-                  door: EarlyDoor | None = None) -> AsyncIterator[int]:
-    """hypercorn's trio worker serving the HTTP ``app`` on a free loopback port."""
+async def serving(app: App, *, direct: bool = True, door: EarlyDoor | None = None,
+                  stop: trio.Event | None = None, **config_values: Any) -> AsyncIterator[int]:
+    """hypercorn's trio worker serving the HTTP ``app`` on a free loopback port, until
+    the block ends or ``stop`` is set; ``config_values`` set hypercorn's Config."""
     config = Config()
     assert configure(config, direct_send=direct, door=door) is direct
     config.bind = ["127.0.0.1:0"]
     config.accesslog = None
     config.errorlog = None
     config.graceful_timeout = 0.5
-    stop = trio.Event()
+    for name, value in config_values.items():
+        setattr(config, name, value)
+    stop = trio.Event() if stop is None else stop
     async with trio.open_nursery() as nursery:
         binds = await nursery.start(lambda task_status: serve(
             with_lifespan(app), config, shutdown_trigger=stop.wait, task_status=task_status))

@@ -189,3 +189,59 @@ async def test_a_content_length_body_gets_no_chunk_writer() -> None:
         await stream.aclose()
     assert found == [None]
     assert body == b"ok"
+
+
+async def _ok_after(delay_s: float, scope: Any, receive: Any, send: Any) -> None:
+    await trio.sleep(delay_s)
+    await send({"type": "http.response.start", "status": 200,
+                "headers": [(b"content-length", b"2")]})
+    await send({"type": "http.response.body", "body": b"ok"})
+
+
+async def _closed_by_server(stream: trio.SocketStream) -> float:
+    """Seconds until the server closes the connection."""
+    started = trio.current_time()
+    assert await stream.receive_some(1) == b""
+    return trio.current_time() - started
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_an_idle_connection_closes_after_the_keep_alive_timeout(direct: bool) -> None:
+    """The same keep-alive behaviour with direct sends' single watcher task per
+    connection as with hypercorn's timer task per request; a request that takes longer
+    than the timeout is not cut short."""
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _ok_after(0.6 if scope["path"] == "/slow" else 0.0, scope, receive, send)
+
+    async with serving(app, direct=direct, keep_alive_timeout=0.3) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        for path in ("/", "/slow", "/"):  # /slow outlasts the timeout
+            await send_request(stream, conn, path)
+            head, body = await read_response(stream, conn)
+            assert (head.status_code, body) == (200, b"ok")
+            conn.start_next_cycle()
+            await trio.sleep(0.15)  # idle for half the timeout: still open
+        with trio.fail_after(3):
+            idle_for = await _closed_by_server(stream)
+        await stream.aclose()
+    assert 0.05 <= idle_for <= 1.0  # ~0.3 s after the last answer, minus the 0.15 waited
+
+
+@pytest.mark.parametrize("direct", [True, False])
+async def test_shutdown_closes_idle_connections_at_once(direct: bool) -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await _ok_after(0.0, scope, receive, send)
+
+    stop = trio.Event()
+    async with serving(app, direct=direct, stop=stop, keep_alive_timeout=30,
+                       graceful_timeout=10) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = client_connection()
+        await send_request(stream, conn, "/")
+        await read_response(stream, conn)
+        stop.set()
+        with trio.fail_after(3):
+            await _closed_by_server(stream)
+        await stream.aclose()
