@@ -95,7 +95,6 @@ def _failure_for(exc: httpx.HTTPError) -> TransportFailure:
     return TransportFailure(failure, type(exc).__name__)
 
 
-_CONNECTIONS_PER_SHARD = 16
 _URL_CACHE_SIZE = 1024
 _HEADERS = {"content-type": "application/json", "accept-encoding": "identity",
             "user-agent": "airgate"}
@@ -113,39 +112,29 @@ class UpstreamClient:
     ) -> None:
         """``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
 
-        The connections are split over several small pools, used in turn: the cost of
-        httpcore's pool bookkeeping grows with the connections in one pool (each request
-        and each response event scans them), which made one big shared pool the
-        bottleneck at a hundred concurrent streams (loadtest/bench measured ~15 CPU-ms
-        per request). Keep-alive reuse still works within each pool.
+        One pool for every provider (``workers.upstream_net.LeanTransport``), made on
+        first use: its cost per request does not grow with its connections, and light
+        traffic reuses one connection.
         """
-        shards = max(1, -(-max_connections // _CONNECTIONS_PER_SHARD))
-        per_shard = -(-max_connections // shards)
-        # One TLS context for all (building one loads the CA bundle: ~10 ms), and the
-        # pools are made on first use, so an idle gateway holds one.
-        tls = ssl.create_default_context()
+        tls = ssl.create_default_context()  # loads the CA bundle (~10 ms): once
 
         def make() -> httpx.AsyncBaseTransport:
-            return LeanTransport(tls=tls, max_connections=per_shard,
+            return LeanTransport(tls=tls, max_connections=max_connections,
                                  connect_timeout_s=connect_timeout_s)
 
         self._make = make
-        self._shards: list[httpx.AsyncBaseTransport | None] = \
-            [transport] if transport is not None else [None] * shards
-        self._next = 0
+        self._pool: httpx.AsyncBaseTransport | None = transport
         self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
-        for shard in self._shards:
-            if shard is not None:
-                await shard.aclose()
+        if self._pool is not None:
+            await self._pool.aclose()
 
     def _transport(self) -> httpx.AsyncBaseTransport:
-        self._next = (self._next + 1) % len(self._shards)
-        shard = self._shards[self._next]
-        if shard is None:
-            shard = self._shards[self._next] = self._make()
-        return shard
+        pool = self._pool
+        if pool is None:
+            pool = self._pool = self._make()
+        return pool
 
     def _url(self, url: str) -> httpx.URL:
         """Parsed once per distinct URL (a key's base URL and an endpoint path)."""

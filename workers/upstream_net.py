@@ -1,227 +1,168 @@
-"""A lean httpx transport for upstream calls: httpcore's pool over a cheaper trio backend.
+"""A lean httpx transport for upstream calls: our own HTTP/1.1 keep-alive pool.
 
-Owns :class:`LeanTransport` (an ``httpx.AsyncBaseTransport``) and the trio network
-backend under it. httpcore's own trio backend wraps every socket read in an exception-
-mapping context manager and a ``fail_after`` cancel scope, even with no timeout; a
-streamed completion does one read per SSE burst, and loadtest/bench's profile showed
-those two costing ~6 % of the gateway's CPU on realistic streams. Here a read is the
-bare ``receive_some`` inside one ``try`` (the gateway's own cancel scopes bound first
-byte and idle time), and a response body is iterated without httpx's extra generator
-layers. A write on a plain connection is offered to the socket first and is done
-without yielding when the socket takes it all. Connect and TLS set-up keep their
-timeouts. httpcore's exceptions become httpx's, so callers see one exception family
-whichever transport they are given. (The methods take ``timeout`` arguments because
-httpcore's backend interface does.)
+Owns :class:`LeanTransport` (an ``httpx.AsyncBaseTransport``). The gateway sends one
+kind of request (a POST with a whole JSON body) to a few origins, and streams the answer
+back. httpcore, which this replaced, paid for generality on every request: three
+``trio.Lock``/``Event`` passes through the scheduler before the request was written
+(pool, connection, state locks), an h11 state machine for every body event, and pool
+bookkeeping that scans every connection per event (the reason the pool used to be
+split in shards). Here a request takes a slot (no pass when one is free) and an idle
+connection to its origin (the most recently used; O(1)), is written straight into the
+socket, and its body is decoded by ``workers.upstream_http``.
+
+Connections: at most ``max_connections`` requests in flight and as many connections
+open; idle ones are kept (no expiry) and checked before reuse (one closed by the server
+reads as readable). A reused connection that fails while the request is written is
+dropped and the request is sent once on a fresh one (the server had closed it; nothing
+was processed). Connect and TLS set-up have ``connect_timeout_s``; reads have no timeout
+of their own (the gateway's cancel scopes bound first byte and idle time). Errors are
+httpx's, chained to their causes.
 
 Imports nothing from the gateway.
 """
 
 from __future__ import annotations
 
-import os
 import ssl
-from collections.abc import AsyncIterator, Iterable
-from typing import Any
+from collections.abc import AsyncIterator
 
-import httpcore
 import httpx
 import trio
 
-# Most specific first: isinstance picks the first match.
-_EXCEPTIONS: tuple[tuple[type[Exception], type[httpx.HTTPError]], ...] = (
-    (httpcore.PoolTimeout, httpx.PoolTimeout),
-    (httpcore.ConnectTimeout, httpx.ConnectTimeout),
-    (httpcore.ReadTimeout, httpx.ReadTimeout),
-    (httpcore.WriteTimeout, httpx.WriteTimeout),
-    (httpcore.TimeoutException, httpx.TimeoutException),
-    (httpcore.ConnectError, httpx.ConnectError),
-    (httpcore.ReadError, httpx.ReadError),
-    (httpcore.WriteError, httpx.WriteError),
-    (httpcore.NetworkError, httpx.NetworkError),
-    (httpcore.ProxyError, httpx.ProxyError),
-    (httpcore.UnsupportedProtocol, httpx.UnsupportedProtocol),
-    (httpcore.RemoteProtocolError, httpx.RemoteProtocolError),
-    (httpcore.LocalProtocolError, httpx.LocalProtocolError),
-    (httpcore.ProtocolError, httpx.ProtocolError),
-)
-_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError)
+from workers.upstream_http import BodyReader, Connection, encode_request, read_head
 
-
-def to_httpx_error(exc: Exception) -> httpx.HTTPError | None:
-    """httpx's counterpart of an httpcore exception (None if it is not one)."""
-    for core, ours in _EXCEPTIONS:
-        if isinstance(exc, core):
-            return ours(str(exc) or type(exc).__name__)
-    return None
-
-
-class _TrioStream(httpcore.AsyncNetworkStream):
-    __slots__ = ("_stream",)
-
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self._stream = stream
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
-        try:
-            if timeout is None:
-                data = await self._stream.receive_some(max_bytes)
-            else:
-                with trio.fail_after(timeout):
-                    data = await self._stream.receive_some(max_bytes)
-        except trio.TooSlowError as exc:
-            raise httpcore.ReadTimeout("read timed out") from exc
-        except _BROKEN as exc:
-            raise httpcore.ReadError(str(exc) or "connection broken") from exc
-        return data if type(data) is bytes else bytes(data)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:  # noqa: ASYNC109
-        if not buffer:
-            return
-        stream = self._stream
-        if type(stream) is trio.SocketStream:
-            # A request usually fits the socket's buffer: written at once, without the
-            # pass through the scheduler that send_all makes. fileno() is -1 once closed.
-            try:
-                sent = os.write(stream.socket.fileno(), buffer)
-            except OSError:  # a full buffer, or a dead socket that send_all reports
-                sent = 0
-            if sent == len(buffer):
-                return
-            buffer = buffer[sent:]
-        try:
-            if timeout is None:
-                await self._stream.send_all(buffer)
-                return
-            with trio.fail_after(timeout):
-                await self._stream.send_all(buffer)
-        except trio.TooSlowError as exc:
-            raise httpcore.WriteTimeout("write timed out") from exc
-        except _BROKEN as exc:
-            raise httpcore.WriteError(str(exc) or "connection broken") from exc
-
-    async def aclose(self) -> None:
-        await self._stream.aclose()
-
-    async def start_tls(
-        self, ssl_context: ssl.SSLContext, server_hostname: str | None = None,
-        timeout: float | None = None,  # noqa: ASYNC109
-    ) -> httpcore.AsyncNetworkStream:
-        tls = trio.SSLStream(self._stream, ssl_context, server_hostname=server_hostname,
-                             https_compatible=True)
-        try:
-            with trio.fail_after(_inf(timeout)):
-                await tls.do_handshake()
-        except trio.TooSlowError as exc:
-            await self.aclose()
-            raise httpcore.ConnectTimeout("TLS handshake timed out") from exc
-        except (*_BROKEN, ssl.SSLError) as exc:
-            await self.aclose()
-            raise httpcore.ConnectError(str(exc) or "TLS handshake failed") from exc
-        return _TrioStream(tls)
-
-    def get_extra_info(self, info: str) -> Any:
-        stream = self._stream
-        if info == "ssl_object":
-            return stream._ssl_object if isinstance(stream, trio.SSLStream) else None
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return None
-        if info == "socket":
-            return stream.socket
-        if info == "is_readable":
-            return stream.socket.is_readable()  # httpcore's check for a dropped keep-alive
-        if info == "client_addr":
-            return stream.socket.getsockname()
-        if info == "server_addr":
-            return stream.socket.getpeername()
-        return None
-
-
-def _inf(timeout: float | None) -> float:
-    return float("inf") if timeout is None else timeout
-
-
-class _TrioBackend(httpcore.AsyncNetworkBackend):
-    async def connect_tcp(
-        self, host: str, port: int, timeout: float | None = None,  # noqa: ASYNC109
-        local_address: str | None = None,
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        try:
-            with trio.fail_after(_inf(timeout)):
-                stream = await trio.open_tcp_stream(host, port, local_address=local_address)
-        except trio.TooSlowError as exc:
-            raise httpcore.ConnectTimeout("connect timed out") from exc
-        except (OSError, *_BROKEN) as exc:
-            raise httpcore.ConnectError(str(exc) or "connect failed") from exc
-        for option in socket_options or ():
-            stream.setsockopt(*option)
-        return _TrioStream(stream)
-
-    async def connect_unix_socket(
-        self, path: str, timeout: float | None = None,  # noqa: ASYNC109
-        socket_options: Iterable[Any] | None = None,
-    ) -> httpcore.AsyncNetworkStream:
-        raise httpcore.UnsupportedProtocol("unix sockets are not used for upstreams")
-
-    async def sleep(self, seconds: float) -> None:
-        await trio.sleep(seconds)
+_PORTS = {b"http": 80, b"https": 443}
 
 
 class _Body(httpx.AsyncByteStream):
-    """A response body straight from httpcore, its errors turned into httpx's."""
+    """A response body; the connection goes back to the pool when it is read to the
+    end, and is closed when the body is abandoned."""
 
-    __slots__ = ("_stream",)
+    __slots__ = ("_conn", "_pool", "_reader", "_released")
 
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
+    def __init__(self, pool: LeanTransport, conn: Connection, reader: BodyReader) -> None:
+        self._pool = pool
+        self._conn = conn
+        self._reader = reader
+        self._released = False
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
+        reader = self._reader
         try:
-            async for part in self._stream:
+            while (part := await reader.next()) is not None:
                 yield part
-        except Exception as exc:
-            mapped = to_httpx_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
+        finally:
+            self._release()
+
+    def _release(self) -> None:
+        if not self._released:
+            self._released = True
+            reader = self._reader
+            self._pool.release(self._conn, reader.done and reader.reusable)
 
     async def aclose(self) -> None:
-        await self._stream.aclose()
+        self._release()
 
 
 class LeanTransport(httpx.AsyncBaseTransport):
-    """HTTP/1.1 keep-alive pool of ``max_connections`` over the lean trio backend."""
+    """HTTP/1.1 keep-alive pool of ``max_connections`` (see the module docstring)."""
 
     def __init__(self, *, tls: ssl.SSLContext, max_connections: int,
                  connect_timeout_s: float) -> None:
-        self._pool = httpcore.AsyncConnectionPool(
-            ssl_context=tls, max_connections=max_connections,
-            max_keepalive_connections=max_connections, network_backend=_TrioBackend(),
-        )
-        self._timeouts = {"connect": connect_timeout_s, "read": None, "write": None,
-                          "pool": None}
+        self._tls = tls
+        self._connect_timeout_s = connect_timeout_s
+        self._max = max_connections
+        self._slots = trio.Semaphore(max_connections)
+        self._idle: dict[tuple[bytes, bytes, int], list[Connection]] = {}
+        self._open = 0
+        self._closed = False
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         url = request.url
-        core = httpcore.Request(
-            request.method,
-            httpcore.URL(scheme=url.raw_scheme, host=url.raw_host, port=url.port,
-                         target=url.raw_path),
-            headers=request.headers.raw,
-            content=request.content,
-            extensions={"timeout": self._timeouts},
-        )
+        scheme = url.raw_scheme
+        if scheme not in _PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported scheme {scheme!r}")
+        origin = (scheme, url.raw_host, url.port or _PORTS[scheme])
+        data = encode_request(request)
         try:
-            response = await self._pool.handle_async_request(core)
-        except Exception as exc:
-            mapped = to_httpx_error(exc)
-            if mapped is None:
-                raise
-            raise mapped from exc
-        return httpx.Response(response.status, headers=response.headers,
-                              stream=_Body(response.stream), extensions=response.extensions)
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await self._slots.acquire()
+        conn: Connection | None = None
+        try:
+            conn = self._take_idle(origin)
+            if conn is not None:
+                try:
+                    await conn.write(data)
+                except httpx.WriteError:
+                    self._discard(conn)  # closed by the server in the meantime
+                    conn = None
+            if conn is None:
+                conn = await self._connect(origin)
+                await conn.write(data)
+            status, headers, keep = await read_head(conn)
+            reader = BodyReader(conn, status, headers, keep)
+        except BaseException:
+            if conn is not None:
+                self._discard(conn)
+            self._slots.release()
+            raise
+        return httpx.Response(status, headers=headers, stream=_Body(self, conn, reader))
+
+    def _take_idle(self, origin: tuple[bytes, bytes, int]) -> Connection | None:
+        idle = self._idle.get(origin)
+        while idle:
+            conn = idle.pop()
+            if not conn.dropped():
+                return conn
+            self._discard(conn)
+        return None
+
+    async def _connect(self, origin: tuple[bytes, bytes, int]) -> Connection:
+        if self._open >= self._max:
+            self._evict()
+        scheme, host, port = origin
+        name = host.decode("ascii")
+        try:
+            with trio.fail_after(self._connect_timeout_s):
+                stream: trio.abc.Stream = await trio.open_tcp_stream(name, port)
+                self._open += 1
+                if scheme == b"https":
+                    tls = trio.SSLStream(stream, self._tls, server_hostname=name,
+                                         https_compatible=True)
+                    try:
+                        await tls.do_handshake()
+                    except BaseException:
+                        self._discard(Connection(origin, stream))
+                        raise
+                    stream = tls
+        except trio.TooSlowError as exc:
+            raise httpx.ConnectTimeout("connect timed out") from exc
+        except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
+            raise httpx.ConnectError(str(exc) or "connect failed") from exc
+        return Connection(origin, stream)
+
+    def _evict(self) -> None:
+        """Close one idle connection (to any origin) to make room for a new one."""
+        for idle in self._idle.values():
+            if idle:
+                self._discard(idle.pop(0))
+                return
+
+    def _discard(self, conn: Connection) -> None:
+        conn.close()
+        self._open -= 1
+
+    def release(self, conn: Connection, reusable: bool) -> None:
+        """A request is over: keep its connection for the next one, or close it."""
+        if reusable and not self._closed:
+            self._idle.setdefault(conn.origin, []).append(conn)
+        else:
+            self._discard(conn)
+        self._slots.release()
 
     async def aclose(self) -> None:
-        await self._pool.aclose()
+        self._closed = True
+        for idle in self._idle.values():
+            while idle:
+                self._discard(idle.pop())

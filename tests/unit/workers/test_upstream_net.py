@@ -1,19 +1,27 @@
-"""The lean upstream transport over real loopback sockets: bodies, keep-alive, errors."""
+"""The lean upstream transport over real loopback sockets: bodies, keep-alive, errors.
+
+The servers here are raw sockets, so each test says exactly what bytes the upstream sends."""
 
 from __future__ import annotations
 
+import datetime
 import ssl
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
+from pathlib import Path
+from typing import cast
 
-import httpcore
 import httpx
 import pytest
 import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
-from workers.upstream_net import LeanTransport, to_httpx_error
+from workers.upstream_net import LeanTransport
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -135,14 +143,6 @@ async def test_a_body_cut_off_midway_is_an_httpx_error() -> None:
         nursery.cancel_scope.cancel()
 
 
-def test_httpcore_exceptions_map_to_their_httpx_counterparts() -> None:
-    assert isinstance(to_httpx_error(httpcore.ReadTimeout("x")), httpx.ReadTimeout)
-    assert isinstance(to_httpx_error(httpcore.ConnectError("x")), httpx.ConnectError)
-    assert isinstance(to_httpx_error(httpcore.RemoteProtocolError("x")),
-                      httpx.RemoteProtocolError)
-    assert to_httpx_error(ValueError("x")) is None
-
-
 _OUT_OF_FILES = """
 import os, resource, trio
 from workers.upstream import TransportFailure, UpstreamClient
@@ -163,10 +163,182 @@ trio.run(main)
 
 
 def test_a_process_out_of_files_is_told_apart_from_an_upstream_failure() -> None:
-    """The real path: trio's connect fails with EMFILE, httpcore and httpx wrap it, and the
+    """The real path: trio's connect fails with EMFILE, the transport wraps it, and the
     failure is the gateway's own (no failover, the key not blamed). In a child process,
     so the lowered limit on open files does not reach the test run."""
     done = subprocess.run([sys.executable, "-c", _OUT_OF_FILES], capture_output=True,
                           text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["gateway_resources", "False", "False"]
+
+
+async def _serve_script(handler: Handler, requests: int = 1) -> list[bytes]:
+    """Run one request per entry in a fresh transport; return the bodies read."""
+    bodies: list[bytes] = []
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = _transport()
+        for _ in range(requests):
+            response = await _post(transport, port)
+            bodies.append(await _body(response))
+            await response.aclose()
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    return bodies
+
+
+@pytest.mark.parametrize(("wire", "body"), [
+    pytest.param(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                 b"5;ext=1\r\nhello\r\n0\r\nx-trailer: 1\r\n\r\n", b"hello",
+                 id="extension+trailer"),
+    pytest.param(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+                 b"ok", id="1xx skipped"),
+    pytest.param(b"HTTP/1.1 204 No Content\r\n\r\n", b"", id="204 without a body"),
+    pytest.param(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\nuntil the end", b"until the end",
+                 id="body up to the close"),
+])
+async def test_response_framings(wire: bytes, body: bytes) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_request(stream)
+        for i in range(0, len(wire), 7):  # in small pieces: every boundary is crossed
+            await stream.send_all(wire[i : i + 7])
+        if b"close" in wire:
+            await stream.aclose()
+        else:
+            await trio.sleep_forever()
+
+    assert await _serve_script(handler) == [body]
+
+
+@pytest.mark.parametrize("wire", [
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+    b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n2\r\nabXY",
+    b"HTTP/1.1 200 OK\r\ncontent-length: x\r\n\r\n",
+    b"SMTP ready\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\n bad header\r\n\r\n",
+])
+async def test_malformed_responses_are_protocol_errors(wire: bytes) -> None:
+    async def handler(stream: trio.SocketStream) -> None:
+        await _read_request(stream)
+        await stream.send_all(wire)
+        await trio.sleep_forever()
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = _transport()
+        with pytest.raises(httpx.RemoteProtocolError):
+            await _body(await _post(transport, port))
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_the_server_closed_while_idle_is_not_reused() -> None:
+    connections = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        await _read_request(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        await stream.aclose()  # keep-alive offered, then the server closes it anyway
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = _transport()
+        for _ in range(3):
+            response = await _post(transport, port)
+            assert await _body(response) == b"ok"
+            await response.aclose()
+            await trio.sleep(0.05)  # the close reaches the idle connection
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert connections == 3
+
+
+async def test_an_abandoned_body_closes_its_connection_and_frees_its_slot() -> None:
+    connections = 0
+
+    async def handler(stream: trio.SocketStream) -> None:
+        nonlocal connections
+        connections += 1
+        with trio.move_on_after(5):
+            while True:
+                await _read_request(stream)
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                      b"4\r\nmore\r\n")
+
+    async with trio.open_nursery() as nursery:
+        port = await _serve(nursery, handler)
+        transport = LeanTransport(tls=ssl.create_default_context(), max_connections=1,
+                                  connect_timeout_s=2.0)
+        for _ in range(2):  # one slot: the second waits for the first to be given back
+            with trio.fail_after(2):
+                response = await _post(transport, port)
+                stream = response.stream
+                assert isinstance(stream, httpx.AsyncByteStream)
+                parts = cast(AsyncGenerator[bytes, None], stream.__aiter__())
+                assert await parts.__anext__() == b"more"  # and no more read
+                await response.aclose()
+                await parts.aclose()
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert connections == 2  # a half-read body's connection is never reused
+
+
+def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """(server context, client context trusting it) for the name ``localhost``."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder().subject_name(name).issuer_name(name)
+        .public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
+                                           serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    server.load_cert_chain(cert_file, key_file)
+    client = ssl.create_default_context(cafile=str(cert_file))
+    return server, client
+
+
+async def test_https_streams_and_reuses_the_tls_connection(tmp_path: Path) -> None:
+    server_tls, client_tls = _self_signed(tmp_path)
+    connections = 0
+
+    async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
+        nonlocal connections
+        connections += 1
+        with trio.move_on_after(5):
+            for _ in range(2):
+                await _read_request(stream)  # type: ignore[arg-type]
+                await stream.send_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n"
+                                      b"7\r\ndata: 1\r\n0\r\n\r\n")
+
+    async with trio.open_nursery() as nursery:
+        listeners = await nursery.start(partial(
+            trio.serve_ssl_over_tcp, handler, 0, server_tls, host="127.0.0.1"))
+        port = listeners[0].transport_listener.socket.getsockname()[1]
+        transport = LeanTransport(tls=client_tls, max_connections=4, connect_timeout_s=2.0)
+        for _ in range(2):
+            request = httpx.Request("POST", f"https://localhost:{port}/v1/x", content=b"{}")
+            response = await transport.handle_async_request(request)
+            assert await _body(response) == b"data: 1"
+            await response.aclose()
+        # A server the client cannot verify is a connect error, not a response.
+        untrusted = LeanTransport(tls=ssl.create_default_context(), max_connections=1,
+                                  connect_timeout_s=2.0)
+        with pytest.raises(httpx.ConnectError):
+            await untrusted.handle_async_request(
+                httpx.Request("POST", f"https://localhost:{port}/v1/x", content=b"{}"))
+        await transport.aclose()
+        nursery.cancel_scope.cancel()
+    assert connections == 2  # one reused for both requests, one refused by the client

@@ -1,0 +1,238 @@
+"""One upstream HTTP/1.1 connection: writing a request, reading a response head, and
+decoding its body as it arrives.
+
+Owns :class:`Connection`, :func:`encode_request`, :func:`read_head` and
+:class:`BodyReader`. Only what a client of OpenAI-compatible providers needs: requests
+with a whole body; responses framed by ``content-length``, ``transfer-encoding:
+chunked`` or the end of the connection; ``1xx`` heads skipped. Errors are httpx's
+(``RemoteProtocolError``, ``ReadError``, ``WriteError``), each chained to its cause.
+
+Imports nothing from the gateway.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import trio
+
+Headers = list[tuple[bytes, bytes]]
+
+_READ = 65536
+_MAX_HEAD = 64 * 1024  # a response head larger than this is refused
+_MAX_LINE = 4096  # a chunk-size or trailer line
+_BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+
+
+class Connection:
+    """A connected stream (plain or TLS) and the bytes read past the last response."""
+
+    __slots__ = ("buffer", "origin", "stream")
+
+    def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream) -> None:
+        self.origin = origin
+        self.stream = stream
+        self.buffer = bytearray()
+
+    async def write(self, data: bytes) -> None:
+        """Send ``data``; on a plain socket, straight into it when it takes it all (no
+        pass through the scheduler), the rest through ``send_all``."""
+        stream = self.stream
+        try:
+            if type(stream) is trio.SocketStream:
+                try:
+                    sent = os.write(stream.socket.fileno(), data)  # -1 once closed
+                except BlockingIOError:
+                    sent = 0
+                if sent == len(data):
+                    return
+                data = data[sent:]
+            await stream.send_all(data)
+        except _BROKEN as exc:
+            raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
+
+    async def read(self) -> bytes:
+        try:
+            data = await self.stream.receive_some(_READ)
+        except _BROKEN as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        return data if type(data) is bytes else bytes(data)
+
+    def dropped(self) -> bool:
+        """Whether an idle connection was closed by the server (or sent something
+        unasked): readable while idle means it cannot carry another request."""
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if not isinstance(stream, trio.SocketStream):
+            return True
+        try:
+            return stream.socket.is_readable()
+        except OSError:
+            return True
+
+    def close(self) -> None:
+        """Close at once, without a TLS goodbye (the connection is being abandoned)."""
+        stream = self.stream
+        while isinstance(stream, trio.SSLStream):
+            stream = stream.transport_stream
+        if isinstance(stream, trio.SocketStream):
+            stream.socket.close()
+
+
+def encode_request(request: httpx.Request) -> bytes:
+    """The request's bytes: line, headers (httpx added ``Host`` and ``Content-Length``)
+    and the whole body."""
+    lines = [b"%s %s HTTP/1.1" % (request.method.encode(), request.url.raw_path)]
+    lines += [name + b": " + value for name, value in request.headers.raw]
+    return b"\r\n".join(lines) + b"\r\n\r\n" + request.content
+
+
+async def read_head(conn: Connection) -> tuple[int, Headers, bool]:
+    """The final response head: (status, headers, whether the connection may carry
+    another request once the body is read). ``1xx`` heads are skipped."""
+    while True:
+        buffer = conn.buffer
+        while (end := buffer.find(b"\r\n\r\n")) < 0:
+            if len(buffer) > _MAX_HEAD:
+                raise httpx.RemoteProtocolError("response head too large")
+            data = await conn.read()
+            if not data:
+                raise httpx.RemoteProtocolError(
+                    "Server disconnected without sending a response.")
+            buffer += data
+        lines = bytes(buffer[:end]).split(b"\r\n")
+        del buffer[: end + 4]
+        version, _, rest = lines[0].partition(b" ")
+        code = rest[:3]
+        if version not in (b"HTTP/1.1", b"HTTP/1.0") or not code.isdigit():
+            raise httpx.RemoteProtocolError("malformed response status line")
+        status = int(code)
+        headers: Headers = []
+        for line in lines[1:]:
+            name, colon, value = line.partition(b":")
+            if not colon or not name or name != name.strip():
+                raise httpx.RemoteProtocolError("malformed response header")
+            headers.append((name, value.strip()))
+        if 100 <= status < 200 and status != 101:
+            continue
+        keep = version == b"HTTP/1.1" and not any(
+            n.lower() == b"connection" and b"close" in v.lower() for n, v in headers)
+        return status, headers, keep
+
+
+_SIZE, _DATA, _DATA_END, _TRAILER, _DONE = range(5)
+
+
+class BodyReader:
+    """A response body, decoded as it arrives (``content-length``, chunked, or up to
+    the end of the connection). ``reusable`` says, once ``done``, whether the connection
+    ended exactly at the body's end and may carry the next request."""
+
+    __slots__ = ("_chunked", "_conn", "_left", "_state", "done", "reusable")
+
+    def __init__(self, conn: Connection, status: int, headers: Headers, keep: bool) -> None:
+        self._conn = conn
+        self._chunked = False
+        self._left = -1  # bytes of the body (or of the current chunk) still to come
+        self._state = _DATA
+        self.done = False
+        self.reusable = keep
+        length: bytes | None = None
+        for name, value in headers:
+            lower = name.lower()
+            if lower == b"transfer-encoding":
+                self._chunked = value.lower().endswith(b"chunked")
+            elif lower == b"content-length":
+                length = value
+        if status in (204, 304):
+            self._left = 0
+        elif self._chunked:
+            self._state = _SIZE
+        elif length is not None:
+            if not length.isdigit():
+                raise httpx.RemoteProtocolError("malformed content-length")
+            self._left = int(length)
+        else:
+            self.reusable = False  # the body ends with the connection
+
+    async def next(self) -> bytes | None:
+        """The body's next bytes (never empty), or None at its end."""
+        while True:
+            part = self._take()
+            if part:
+                return part
+            if self.done:
+                return None
+            data = await self._conn.read()
+            if not data:
+                if self._left < 0 and not self._chunked:  # up to the end of the connection
+                    self.done = True
+                    return None
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body")
+            self._conn.buffer += data
+
+    def _take(self) -> bytes:
+        """What the buffer holds of the body, consumed; marks the end when reached."""
+        buffer = self._conn.buffer
+        if not self._chunked:
+            if self._left < 0:  # up to the end of the connection
+                part = bytes(buffer)
+                buffer.clear()
+                return part
+            part = bytes(buffer[: self._left])
+            del buffer[: len(part)]
+            self._left -= len(part)
+            if self._left == 0:
+                self._finish()
+            return part
+        parts: list[bytes] = []
+        while True:
+            state = self._state
+            if state == _DATA:
+                if not buffer:
+                    break
+                part = bytes(buffer[: self._left])
+                del buffer[: len(part)]
+                parts.append(part)
+                self._left -= len(part)
+                if self._left == 0:
+                    self._state = _DATA_END
+            elif state == _DATA_END:
+                if len(buffer) < 2:
+                    break
+                if buffer[:2] != b"\r\n":
+                    raise httpx.RemoteProtocolError("malformed chunked body")
+                del buffer[:2]
+                self._state = _SIZE
+            elif state == _DONE:
+                break
+            else:  # a chunk-size line, or a trailer line after the last chunk
+                end = buffer.find(b"\r\n")
+                if end < 0:
+                    if len(buffer) > _MAX_LINE:
+                        raise httpx.RemoteProtocolError("malformed chunked body")
+                    break
+                line = bytes(buffer[:end])
+                del buffer[: end + 2]
+                if state == _TRAILER:
+                    if not line:
+                        self._finish()
+                    continue
+                digits = line.partition(b";")[0].strip()
+                try:
+                    self._left = int(digits, 16)
+                except ValueError:
+                    raise httpx.RemoteProtocolError("malformed chunk size") from None
+                if self._left < 0:
+                    raise httpx.RemoteProtocolError("malformed chunk size")
+                self._state = _DATA if self._left else _TRAILER
+        return b"".join(parts)
+
+    def _finish(self) -> None:
+        self.done = True
+        self._state = _DONE
+        if self._conn.buffer:  # bytes past the response: not a connection to reuse
+            self.reusable = False
