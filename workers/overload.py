@@ -8,7 +8,9 @@ limit on requests in flight shrinks below what is in flight (x0.9; the average w
 the newest sample 0.1, so it takes ~10 late samples in a row), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
 parsing) and the requests already accepted keep their latency; while the lag is below
-half the threshold the limit grows back (+5 %) until it no longer binds. The limit
+half the threshold the limit grows back until it no longer binds: +5 % a window near
+the threshold, +25 % while the lag is under a quarter of it (a limit left low by an
+earlier overload is back past 1,000 within 2 s instead of 6). The limit
 moves at most once per ten samples (100 ms), so each move is seen before the next. A
 single long stall (a garbage collection) counts for at most twice the threshold, so it
 alone never shrinks the limit: overload is being late sample after sample.
@@ -19,7 +21,9 @@ requests on a saturated core are not.
 
 A refusal tells the client when to come back (``retry_after_s``): about when the ones
 ahead of it will be done. That is the requests in flight plus the refused clients that
-will be back first, over the rate requests complete (Little's law). A refusal is not
+will be back first, over the rate requests complete (Little's law). Until requests
+have completed since the load began, there is no rate: the wait is the shortest one
+(a burst of slow requests told 10 s would sit out long after there is room). A refusal is not
 free (~0.4 ms of hypercorn's CPU, 40 % of a small request), so clients told to come back
 too soon keep a saturated gateway busy refusing them: with a fixed short wait, a
 thousand clients in a closed loop cut throughput five-fold.
@@ -36,8 +40,10 @@ _STEP_S = 0.01  # how often the lag is sampled when the scheduler keeps up
 _SMOOTHING = 0.1  # weight of the newest sample in the moving average (~10 samples)
 _DECREASE = 0.9
 _INCREASE = 0.05
+_FAST_INCREASE = 0.25
 _UNLIMITED_ABOVE = 1_000_000.0  # a limit grown past this is dropped altogether
 _RATE_SMOOTHING = 0.05  # completion and refusal rates: ~20 samples (~0.2 s)
+_RATE_SAMPLES_KNOWN = 400  # past this many samples the start-up correction is nil
 WAIT_S = (0.25, 10.0)  # the bounds of the wait a refused client is told
 # The limit moves at most once per this many samples (the average's window): the effect
 # of one move shows in the lag before the next (moving every sample overshot, down to a
@@ -51,8 +57,9 @@ class Admission:
 
     ``threshold_s`` 0 turns the control off (the limit stays infinite)."""
 
-    __slots__ = ("_completed", "_refused", "_sampled_at", "_since", "completion_rate", "inflight",
-                 "lag_s", "limit", "min_limit", "refusal_rate", "threshold_s", "wait_s")
+    __slots__ = ("_completed", "_rate_samples", "_refused", "_sampled_at", "_since",
+                 "completion_rate", "inflight", "lag_s", "limit", "min_limit", "refusal_rate",
+                 "threshold_s", "wait_s")
 
     def __init__(self, threshold_s: float, *, min_limit: int = 16) -> None:
         self.threshold_s = threshold_s
@@ -65,6 +72,7 @@ class Admission:
         self.wait_s = WAIT_S[0]  # how long a client refused now should wait
         self._completed = 0
         self._refused = 0
+        self._rate_samples = 0  # samples in completion_rate since requests began completing
         self._sampled_at = -math.inf
         self._since = 0
 
@@ -103,12 +111,25 @@ class Admission:
         if not math.isfinite(elapsed) or elapsed <= 0:
             self._completed = self._refused = 0
             return
+        if self.inflight == 0 and self._completed == 0:  # idle: the next burst starts afresh
+            self.completion_rate = 0.0
+            self._rate_samples = 0
+        elif self._completed or self._rate_samples:
+            self._rate_samples = min(self._rate_samples + 1, _RATE_SAMPLES_KNOWN)
         self.completion_rate += _RATE_SMOOTHING * (
             self._completed / elapsed - self.completion_rate)
         self.refusal_rate += _RATE_SMOOTHING * (self._refused / elapsed - self.refusal_rate)
         self._completed = self._refused = 0
+        if self._rate_samples == 0:
+            # Nothing has completed since the load began (a burst of requests that each
+            # take a while): no rate to divide by. The shortest wait, not the longest:
+            # a burst of clients told 10 s would sit out long after there is room.
+            self.wait_s = WAIT_S[0]
+            return
+        # The average starts from zero, so its first samples are too low by this factor.
+        rate = self.completion_rate / (1 - (1 - _RATE_SMOOTHING) ** self._rate_samples)
         ahead = self.inflight + self.refusal_rate * self.wait_s
-        self.wait_s = min(WAIT_S[1], max(WAIT_S[0], ahead / max(self.completion_rate, 1.0)))
+        self.wait_s = min(WAIT_S[1], max(WAIT_S[0], ahead / max(rate, 1.0)))
 
     def observe(self, lag_s: float) -> None:
         """Fold one lag sample in and move the limit.
@@ -125,7 +146,10 @@ class Admission:
         if self.lag_s > self.threshold_s:
             self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
         elif self.lag_s < self.threshold_s / 2 and self.limit != math.inf:
-            self.limit += max(1.0, self.limit * _INCREASE)
+            # Far below the threshold the limit is plainly too low (left over from an
+            # earlier overload): grow it fast; near it, probe gently.
+            fast = self.lag_s < self.threshold_s / 4
+            self.limit += max(1.0, self.limit * (_FAST_INCREASE if fast else _INCREASE))
             if self.limit > _UNLIMITED_ABOVE:
                 self.limit = math.inf
 
