@@ -129,6 +129,31 @@ def _finish_shielded(send: Send) -> Send:
     return guarded
 
 
+def _body_before_answer(receive: Receive, send: Send) -> tuple[Receive, Send]:
+    """Quart's ``receive`` and ``send``, with the answer held until the request body has
+    been received (at most 1 s), as the /v1 app reads it before answering.
+
+    Quart reads the body in a task of its own while the handler may answer at once (a
+    401 needs no body). An answer sent before the body arrived leaves hypercorn unable to
+    reuse the connection: it closes it, and the close, with the body's bytes unread,
+    resets it, which can lose the answer."""
+    received = trio.Event()
+
+    async def watched() -> MutableMapping[str, Any]:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body", False):
+            received.set()
+        return message
+
+    async def held(message: MutableMapping[str, Any]) -> None:
+        if message["type"] == "http.response.start" and not received.is_set():
+            with trio.move_on_after(1.0):
+                await received.wait()
+        await send(message)
+
+    return watched, held
+
+
 def build_app(gw: Gateway) -> ASGIApp:
     quart = build_quart(gw)
     v1 = V1App(gw)
@@ -147,7 +172,7 @@ def build_app(gw: Gateway) -> ASGIApp:
                 await send_response(send, 200, gw.metrics.render(), [_METRICS_TYPE])
                 return
         if scope["type"] == "http":
-            send = _finish_shielded(send)
+            receive, send = _body_before_answer(receive, _finish_shielded(send))
         await quart(scope, receive, send)  # type: ignore[arg-type]
 
     return app
