@@ -132,7 +132,7 @@ class DirectSendServer(TCPServer):
             handle = self.protocol.handle
 
             async def screened(event: Any) -> None:
-                if type(event) is RawData and door.shedding() and await self._refused(
+                if type(event) is RawData and door.active() and await self._refused(
                         door, event.data):
                     return
                 await handle(event)

@@ -6,8 +6,8 @@ hypercorn's and h11's: parsing the request, building its scope, a task and a cha
 for it, and sending the answer through h11 (~0.4 CPU-ms, about half of what serving a
 small completion costs). At twice the capacity the refusals alone then take most of the
 core. ``proxy.direct_send.DirectSendServer`` asks the door about each read that holds
-exactly one whole request while the door says it is shedding, and writes the refusal
-itself.
+exactly one whole request while the door is active (the gateway's: while the admission
+control has a limit), and writes the refusal itself.
 
 Only the plainest requests qualify (:func:`one_request`): HTTP/1.1, a whole head and a
 ``content-length`` body in one read, no ``transfer-encoding``, ``expect``, ``upgrade``
@@ -28,12 +28,12 @@ _REFUSED_HEADERS = {b"transfer-encoding", b"expect", b"upgrade"}
 
 
 class EarlyDoor(Protocol):
-    def shedding(self) -> bool:
-        """Whether a new request might be refused now (cheap: asked on every read)."""
+    def active(self) -> bool:
+        """Whether to screen requests now (cheap: asked on every read)."""
 
     def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:
         """The answer (status, headers, body) to a request refused now, or None to let
-        it in. Called only while ``shedding()``."""
+        it in. Called only while ``active()``, for each whole plain request."""
 
 
 def one_request(data: bytes) -> tuple[bytes, bytes] | None:

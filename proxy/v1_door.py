@@ -29,15 +29,14 @@ class V1Door:
         self._access_log = gateway.settings.access_log
         self._routes = {route.encode(): route for route in ROUTES}
 
-    def shedding(self) -> bool:
-        return self._admission.shedding
+    def active(self) -> bool:
+        return self._admission.limited
 
     def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:
         path = target.partition(b"?")[0]
         route = self._routes.get(path.rstrip(b"/"))
-        if route is None or method != b"POST" or not self._admission.shedding:
+        if route is None or method != b"POST" or self._admission.arrive():
             return None
-        self._admission.refuse()
         err = self._gw.dispatcher.overloaded()
         self._gw.metrics.requests.labels(route, "", f"{err.status // 100}xx").inc()
         request_id = "req_" + secrets.token_hex(12)

@@ -58,8 +58,8 @@ class Admission:
     ``threshold_s`` 0 turns the control off (the limit stays infinite)."""
 
     __slots__ = ("_completed", "_rate_samples", "_refused", "_sampled_at", "_since",
-                 "completion_rate", "inflight", "lag_s", "limit", "min_limit", "refusal_rate",
-                 "threshold_s", "wait_s")
+                 "arriving", "completion_rate", "inflight", "lag_s", "limit", "min_limit",
+                 "refusal_rate", "threshold_s", "wait_s")
 
     def __init__(self, threshold_s: float, *, min_limit: int = 16) -> None:
         self.threshold_s = threshold_s
@@ -67,6 +67,10 @@ class Admission:
         self.lag_s = 0.0
         self.limit = math.inf
         self.inflight = 0
+        # Let in by the connection handler's early door and not yet at the app's: they
+        # count against the limit, or a batch read together would all be let in there
+        # and refused at the app's door, after hypercorn had parsed them (see ``arrive``).
+        self.arriving = 0
         self.completion_rate = 0.0  # requests leaving per second (smoothed)
         self.refusal_rate = 0.0  # requests refused per second (smoothed)
         self.wait_s = WAIT_S[0]  # how long a client refused now should wait
@@ -81,17 +85,30 @@ class Admission:
         """Whether a new request would be refused now."""
         return self.inflight >= self.limit
 
+    @property
+    def limited(self) -> bool:
+        """Whether there is a limit at all (the control has engaged since it was last
+        lifted): only then is it worth screening requests early."""
+        return self.limit != math.inf
+
+    def arrive(self) -> bool:
+        """At the early door: count a request on its way in, unless those in flight and
+        those on their way already reach the limit (then count it refused)."""
+        if self.inflight + self.arriving >= self.limit:
+            self._refused += 1
+            return False
+        self.arriving += 1
+        return True
+
     def try_enter(self) -> bool:
         """Count a new request in, unless the limit is reached."""
+        if self.arriving:
+            self.arriving -= 1  # probably this one; an unmatched count is reset below
         if self.inflight >= self.limit:
             self._refused += 1
             return False
         self.inflight += 1
         return True
-
-    def refuse(self) -> None:
-        """Count a request refused without asking ``try_enter`` (it saw ``shedding``)."""
-        self._refused += 1
 
     def leave(self) -> None:
         self.inflight -= 1
@@ -143,6 +160,9 @@ class Admission:
         if self._since < _HOLD:
             return
         self._since = 0
+        # A request let in early reaches the app's door within a pass or two; one that
+        # never does (its client left) must not hold room for long.
+        self.arriving = 0
         if self.lag_s > self.threshold_s:
             self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
         elif self.lag_s < self.threshold_s / 2 and self.limit != math.inf:

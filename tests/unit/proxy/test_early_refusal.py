@@ -22,7 +22,7 @@ class Door:
         self.on = True
         self.asked: list[tuple[bytes, bytes]] = []
 
-    def shedding(self) -> bool:
+    def active(self) -> bool:
         return self.on
 
     def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:

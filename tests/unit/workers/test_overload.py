@@ -208,3 +208,31 @@ def test_a_limit_left_low_by_an_earlier_overload_grows_back_fast_when_idle() -> 
     fast = _steady(admission, 0.0, 20)[5:]  # the average falls below 0.01: 25 %
     assert all(b / a == pytest.approx(1.25) for a, b in pairwise(fast))
     assert fast[-1] > 1000
+
+
+def test_requests_let_in_early_count_against_the_limit_until_they_enter() -> None:
+    """A batch read together at the early door: only as many as there is room for are
+    let in (the rest refused there, cheaply), and each takes its room at the app's door."""
+    admission = Admission(0.05)
+    assert not admission.limited
+    admission.limit = 10.0
+    assert admission.limited
+    _busy(admission, 7)
+    assert [admission.arrive() for _ in range(5)] == [True, True, True, False, False]
+    assert admission.arriving == 3
+    assert all(admission.try_enter() for _ in range(3))  # the three reach the app's door
+    assert (admission.inflight, admission.arriving) == (10, 0)
+    assert not admission.try_enter()
+    assert not admission.arrive()
+
+
+def test_an_early_count_that_never_enters_lapses_within_a_window() -> None:
+    admission = Admission(0.05)
+    admission.limit = 2.0
+    assert admission.arrive()
+    assert admission.arrive()
+    assert not admission.arrive()  # two on their way (their clients left before entering)
+    for _ in range(10):
+        admission.observe(0.0)  # one 100 ms window
+    assert admission.arriving == 0
+    assert admission.arrive()
