@@ -71,3 +71,39 @@ async def read_response(
             return head, bytes(body)
         else:
             raise AssertionError(f"unexpected {event!r}")
+
+
+async def connect(where: str | int) -> trio.SocketStream:
+    """A connection to ``http://host:port`` (a base URL), or to a port on loopback."""
+    if isinstance(where, int):
+        return await trio.open_tcp_stream("127.0.0.1", where)
+    host, port = where.removeprefix("http://").split("/", 1)[0].rsplit(":", 1)
+    return await trio.open_tcp_stream(host, int(port))
+
+
+async def exchange(stream: trio.SocketStream, conn: h11.Connection, *writes: bytes,
+                   gap_s: float = 0.05) -> tuple[h11.Response, bytes]:
+    """Send one request as the raw ``writes``, ``gap_s`` apart (so that the server reads
+    them separately), and read its response; ``conn`` is the client's h11 state of the
+    connection, ready for the next request afterwards."""
+    for i, data in enumerate(writes):
+        if i:
+            await trio.sleep(gap_s)
+        await stream.send_all(data)
+    # h11 parses a response only to a request it has seen sent: any request will do.
+    conn.send(h11.Request(method="POST", target="/", headers=[("host", "t"),
+                                                              ("content-length", "0")]))
+    conn.send(h11.EndOfMessage())
+    response = await read_response(stream, conn)
+    conn.start_next_cycle()
+    return response
+
+
+async def fetch(port: int, path: str = "/") -> tuple[h11.Response, bytes]:
+    """``GET path`` on a new loopback connection, closed afterwards."""
+    stream = await connect(port)
+    try:
+        return await exchange(stream, h11.Connection(h11.CLIENT),
+                              f"GET {path} HTTP/1.1\r\nhost: t\r\n\r\n".encode())
+    finally:
+        await stream.aclose()

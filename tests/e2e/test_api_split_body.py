@@ -7,7 +7,7 @@ import orjson
 import trio
 
 from tests.e2e.conftest import Harness
-from tests.http1 import read_response
+from tests.http1 import connect, exchange
 
 
 async def test_an_api_refusal_before_the_body_arrived_leaves_the_connection_usable(
@@ -18,20 +18,11 @@ async def test_an_api_refusal_before_the_body_arrived_leaves_the_connection_usab
     body = b'{"name": "k", "base_url": "http://127.0.0.1:9/v1", "secret": "s"}'
     head = (b"POST /api/admin/upstream-keys HTTP/1.1\r\nhost: gw\r\n"
             b"content-type: application/json\r\ncontent-length: %d\r\n\r\n" % len(body))
-    host, port = harness.base_url.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await connect(harness.base_url)
     conn = h11.Connection(h11.CLIENT)
     for _ in range(2):
-        await stream.send_all(head)
-        await trio.sleep(0.2)
-        await stream.send_all(body)
-        conn.send(h11.Request(method="POST", target="/api/admin/upstream-keys",
-                              headers=[("host", "gw"), ("content-length", str(len(body)))]))
-        conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
         with trio.fail_after(5):
-            response, data = await read_response(stream, conn)
+            response, data = await exchange(stream, conn, head, body, gap_s=0.2)
         assert response.status_code == 401
         assert orjson.loads(data)["error"]["message"]
-        conn.start_next_cycle()
     await stream.aclose()

@@ -16,7 +16,7 @@ import trio
 from hypercorn.trio.tcp_server import TCPServer
 
 from proxy.direct_send import DirectSendServer, chunk_writer
-from tests.http1 import read_response, serving
+from tests.http1 import fetch, read_response, serving
 
 
 def client_connection() -> h11.Connection:
@@ -138,12 +138,7 @@ async def test_a_client_that_leaves_mid_stream_ends_the_writer_not_the_server() 
         await stream.aclose()  # the client leaves mid-stream
         with trio.fail_after(5):
             await ended.wait()
-        # The server still serves new connections.
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = client_connection()
-        await send_request(stream, conn, "/ping")
-        head, body = await read_response(stream, conn)
-        await stream.aclose()
+        head, body = await fetch(port, "/ping")  # the server still serves new connections
     assert outcome["timed_out"] is False
     assert outcome["sent"] >= 1
     assert (head.status_code, body) == (200, b"pong")
@@ -158,11 +153,7 @@ async def test_no_writer_without_direct_send_or_outside_hypercorn() -> None:
         await send({"type": "http.response.body", "body": b"ok", "more_body": False})
 
     async with serving(app, direct=False) as port:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = client_connection()
-        await send_request(stream, conn, "/")
-        _, body = await read_response(stream, conn)
-        await stream.aclose()
+        _, body = await fetch(port)
     assert found == [None]
     assert body == b"ok"
 
@@ -182,11 +173,7 @@ async def test_a_content_length_body_gets_no_chunk_writer() -> None:
         await send({"type": "http.response.body", "body": b"ok"})
 
     async with serving(app) as port:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = client_connection()
-        await send_request(stream, conn, "/")
-        _, body = await read_response(stream, conn)
-        await stream.aclose()
+        _, body = await fetch(port)
     assert found == [None]
     assert body == b"ok"
 

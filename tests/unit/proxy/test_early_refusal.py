@@ -9,8 +9,9 @@ import h11
 import pytest
 import trio
 
+from proxy.asgi import read_body
 from proxy.early_refusal import Headers, encode_response, one_request
-from tests.http1 import read_response, serving
+from tests.http1 import exchange, read_response, serving
 
 BODY = b'{"model":"m"}'
 POST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: application/json\r\n"
@@ -37,31 +38,10 @@ class App:
         self.seen: list[tuple[str, bytes]] = []
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        self.seen.append((scope["path"], body))
+        self.seen.append((scope["path"], await read_body(scope, receive, 1 << 20)))
         await send({"type": "http.response.start", "status": 200,
                     "headers": [(b"content-length", b"2")]})
         await send({"type": "http.response.body", "body": b"ok"})
-
-
-async def exchange(stream: trio.SocketStream, conn: h11.Connection,
-                   *writes: bytes) -> tuple[h11.Response, bytes]:
-    for i, data in enumerate(writes):
-        if i:
-            await trio.sleep(0.05)  # a separate read on the server
-        await stream.send_all(data)
-    # The client side of h11 must see the request too, to parse the response.
-    conn.send(h11.Request(method="POST", target="/", headers=[("host", "t"),
-                                                              ("content-length", "0")]))
-    conn.send(h11.EndOfMessage())
-    response = await read_response(stream, conn)
-    conn.start_next_cycle()
-    return response
 
 
 async def test_a_refused_request_is_answered_early_and_the_connection_goes_on() -> None:
