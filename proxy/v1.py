@@ -71,7 +71,7 @@ class V1App:
         started = time.perf_counter()
         status = 200
         entered = False
-        body_read = [False]
+        body_read = False  # _complete reads the body before anything else
         try:
             if route in ROUTES:
                 if not self._admission.try_enter():
@@ -85,12 +85,12 @@ class V1App:
             elif scope["method"] != "POST":
                 raise InvalidRequest(f"Method {scope['method']} not allowed on {path}")
             else:
-                status = await self._complete(scope, receive, send, request_id, rid, route,
-                                              body_read)
+                body_read = True
+                status = await self._complete(scope, receive, send, request_id, rid, route)
         except GatewayError as err:
             status = err.status
-            if not body_read[0]:
-                # Answered before its body was read (refused at the door, a bad key...):
+            if not body_read:
+                # Answered before its body was read (refused at the door, a wrong route):
                 # read it first, or hypercorn cannot reuse the connection and closes it,
                 # and a close with unread bytes is a reset that can lose the answer.
                 await drain_body(scope, receive, self._limit)
@@ -115,17 +115,18 @@ class V1App:
 
     async def _complete(
         self, scope: Scope, receive: Receive, send: Send, request_id: str,
-        rid: tuple[bytes, bytes], route: str, body_read: list[bool],
+        rid: tuple[bytes, bytes], route: str,
     ) -> int:
-        """Serve one completion request; return the status recorded for it."""
+        """Serve one completion request; return the status recorded for it.
+
+        The body is read first, so that every answer (a bad key's 401 too) comes after
+        it: see the drain in ``__call__``."""
         gw = self._gw
-        owner, account = await gw.accounts.authenticate(_bearer(scope))
         try:
             raw = await read_body(scope, receive, self._limit)
         except BodyTooLargeError:
             raise BodyTooLarge(f"Request body is larger than {self._limit} bytes.") from None
-        finally:
-            body_read[0] = True
+        owner, account = await gw.accounts.authenticate(_bearer(scope))
         endpoint, upstream_path = ROUTES[route]
         parsed = parse_request(raw, endpoint)
         prompt = estimate_prompt_tokens(parsed.body, endpoint)

@@ -17,7 +17,7 @@ from tests.e2e.conftest import (
     in_thread,
     start_gateway,
 )
-from tests.http1 import read_response
+from tests.http1 import connect, exchange
 from workers.overload import WAIT_S
 
 CHAT = [{"role": "user", "content": "hello"}]
@@ -160,25 +160,13 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
                b"authorization: Bearer %s\r\ncontent-type: application/json\r\n"
                b"content-length: %d\r\n\r\n%s" % (key.encode(), len(body), body))
-    host, port = harness.base_url.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await connect(harness.base_url)
     conn = h11.Connection(h11.CLIENT)
-
-    async def ask() -> tuple[h11.Response, bytes]:
-        await stream.send_all(request)  # one write: one read on the server
-        conn.send(h11.Request(method="POST", target="/v1/chat/completions",
-                              headers=[("host", "gw"), ("content-length", str(len(body)))]))
-        conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
-        head, data = await read_response(stream, conn)
-        conn.start_next_cycle()
-        return head, data
-
     shed_before = harness.gw.metrics.registry.get_sample_value(
         "airgate_shed_requests_total", {"reason": "overloaded"}) or 0.0
     harness.gw.admission.limit = 0
     try:
-        head, data = await ask()
+        head, data = await exchange(stream, conn, request)  # one write: one read there
     finally:
         harness.gw.admission.limit = math.inf
     headers = dict(head.headers)
@@ -195,7 +183,7 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
                                    "status_class": "4xx"}) == 1
     assert harness.gw.admission.inflight == 0
     # The same connection, no longer shedding: served and billed.
-    head, data = await ask()
+    head, data = await exchange(stream, conn, request)
     await stream.aclose()
     assert head.status_code == 200
     assert orjson.loads(data)["choices"][0]["message"]["content"]
@@ -203,29 +191,28 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
     assert len(rows) == 1
 
 
+@pytest.mark.parametrize("shedding", [False, True], ids=["bad key", "refused at the door"])
 async def test_an_error_before_the_body_arrived_still_leaves_the_connection_usable(
-    harness: Harness,
+    harness: Harness, shedding: bool,
 ) -> None:
-    """A bad key is refused before the body is read; the body comes later. The gateway
-    reads it before answering, so the connection serves the next request (unread, it
-    would make hypercorn close the connection, and the close could lose the answer)."""
+    """The head alone reaches the gateway; the body comes 0.2 s later. A bad key (the
+    body is read before authenticating) or a door refusal (the body is drained first) is
+    answered only after the body has been read, so the connection serves the next
+    request (unread, it would make hypercorn close the connection, and the close could
+    lose the answer)."""
     body = b'{"model": "deepseek-v4-flash", "messages": []}'
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
             b"authorization: Bearer sk-not-a-key\r\ncontent-length: %d\r\n\r\n" % len(body))
-    host, port = harness.base_url.removeprefix("http://").rsplit(":", 1)
-    stream = await trio.open_tcp_stream(host, int(port))
+    stream = await connect(harness.base_url)
     conn = h11.Connection(h11.CLIENT)
-    for _ in range(2):
-        await stream.send_all(head)
-        await trio.sleep(0.2)  # the head alone reaches the gateway, which answers at once
-        await stream.send_all(body)
-        conn.send(h11.Request(method="POST", target="/v1/chat/completions",
-                              headers=[("host", "gw"), ("content-length", str(len(body)))]))
-        conn.send(h11.Data(data=body))
-        conn.send(h11.EndOfMessage())
-        with trio.fail_after(5):
-            response, data = await read_response(stream, conn)
-        assert response.status_code == 401
-        assert orjson.loads(data)["error"]["code"] == "invalid_api_key"
-        conn.start_next_cycle()
+    harness.gw.admission.limit = 0 if shedding else math.inf
+    try:
+        for _ in range(2):
+            with trio.fail_after(5):
+                response, data = await exchange(stream, conn, head, body, gap_s=0.2)
+            assert response.status_code == (429 if shedding else 401)
+            assert orjson.loads(data)["error"]["code"] == \
+                ("gateway_overloaded" if shedding else "invalid_api_key")
+    finally:
+        harness.gw.admission.limit = math.inf
     await stream.aclose()
