@@ -120,20 +120,14 @@ class DirectSendServer(TCPServer):
                 await self._initiate_server_close()
 
     async def _read_data(self) -> None:
-        if self.direct:
-            await self.idle_task.stop()  # hypercorn's timer task; _watch_idle does its work
-            self._idle(True)
-            self._task_group.spawn(self._watch_idle)
-            try:
-                await self._screened_read_data()
-            finally:
-                self._idle_scope.cancel()
-        else:
+        if not self.direct:
             await super()._read_data()
-
-    async def _screened_read_data(self) -> None:
+            return
+        await self.idle_task.stop()  # hypercorn's timer task; _watch_idle does its work
+        self._idle(True)
+        self._task_group.spawn(self._watch_idle)
         door = self._door
-        if door is not None:
+        if door is not None:  # each read goes past the door before hypercorn parses it
             handle = self.protocol.handle
 
             async def screened(event: Any) -> None:
@@ -143,7 +137,10 @@ class DirectSendServer(TCPServer):
                 await handle(event)
 
             self.protocol.handle = screened  # type: ignore[method-assign]
-        await super()._read_data()
+        try:
+            await super()._read_data()
+        finally:
+            self._idle_scope.cancel()
 
     async def _refused(self, door: EarlyDoor, data: bytes) -> bool:
         """Answer a whole request the door refuses without parsing it through h11 or
