@@ -112,29 +112,17 @@ class UpstreamClient:
     ) -> None:
         """``transport`` replaces the network (tests pass an ``httpx.MockTransport``).
 
-        One pool for every provider (``workers.upstream_net.LeanTransport``), made on
-        first use: its cost per request does not grow with its connections, and light
-        traffic reuses one connection.
+        One pool for every provider (``workers.upstream_net.LeanTransport``): its cost
+        per request does not grow with its connections, and light traffic reuses one
+        connection.
         """
-        tls = ssl.create_default_context()  # loads the CA bundle (~10 ms): once
-
-        def make() -> httpx.AsyncBaseTransport:
-            return LeanTransport(tls=tls, max_connections=max_connections,
-                                 connect_timeout_s=connect_timeout_s)
-
-        self._make = make
-        self._pool: httpx.AsyncBaseTransport | None = transport
+        self._pool = transport if transport is not None else LeanTransport(
+            tls=ssl.create_default_context(), max_connections=max_connections,
+            connect_timeout_s=connect_timeout_s)
         self._urls: dict[str, httpx.URL] = {}
 
     async def aclose(self) -> None:
-        if self._pool is not None:
-            await self._pool.aclose()
-
-    def _transport(self) -> httpx.AsyncBaseTransport:
-        pool = self._pool
-        if pool is None:
-            pool = self._pool = self._make()
-        return pool
+        await self._pool.aclose()
 
     def _url(self, url: str) -> httpx.URL:
         """Parsed once per distinct URL (a key's base URL and an endpoint path)."""
@@ -157,7 +145,7 @@ class UpstreamClient:
         try:
             request = httpx.Request("POST", self._url(url), content=body,
                                     headers={**_HEADERS, "authorization": f"Bearer {api_key}"})
-            response = await self._transport().handle_async_request(request)
+            response = await self._pool.handle_async_request(request)
         except httpx.HTTPError as exc:
             raise _failure_for(exc) from exc
         except ValueError as exc:  # a URL httpx cannot parse (set by an admin)
