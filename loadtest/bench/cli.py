@@ -32,7 +32,7 @@ from loadtest.bench.processes import (
     start_mock,
     start_relay,
 )
-from loadtest.bench.stats import Cell, format_table, format_versus
+from loadtest.bench.stats import Cell, format_table, format_versus, pool_rounds
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "nonstream": {"stream": False, "mock": {"chunks": 20, "ttft_ms": 0, "chunk_delay_ms": 0}},
@@ -101,6 +101,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", dest="json_out", help="also write the results here")
     parser.add_argument("--gateway-workers", type=int, default=1,
                         help="run the gateway as `serve --workers N`")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each cell N times, the targets taking turns, and pool"
+                        " the samples (steadier percentiles on a noisy machine)")
     add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=0")
     args = parser.parse_args(argv)
     if args.quick:
@@ -111,6 +114,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.targets = _names(args.targets, TARGETS)
     except (ValueError, argparse.ArgumentTypeError) as exc:
         parser.error(str(exc))
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     if args.compare_url and "compare" not in args.targets:
         args.targets.append("compare")
     if "compare" in args.targets and not args.compare_url:
@@ -127,7 +132,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
     spec = {
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
-        "warmup_s": args.warmup_s, "watch": target.watch,
+        "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": args.rounds > 1,
         "rss_pid": (target.watch.get(target.serving)
                     or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
@@ -151,6 +156,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         unfinished=raw["unfinished"],
         unfinished_older_than_window=raw["unfinished_older_than_window"],
         oldest_unfinished_s=raw["oldest_unfinished_s"],
+        latencies_ms=raw.get("latencies_ms", []), ttfbs_ms=raw.get("ttfbs_ms", []),
     )
     serving = target.serving
     if serving and serving in cell.process_cpu_s and cell.completed:
@@ -221,14 +227,22 @@ def main(argv: list[str] | None = None) -> None:
                 targets.append(_compare_target(args))
         for scenario in args.scenarios:
             for concurrency in args.concurrency:
-                for target in targets:
-                    cell = run_cell(target, scenario, concurrency, args)
-                    cells.append(cell)
-                    note = f"  errors: {'; '.join(cell.error_samples)}" if cell.errors else ""
-                    print(f"  {scenario:>9} c={concurrency:<5} {target.name:>8}: "
-                          f"{cell.rps:9,.1f} req/s  p50 {cell.p50_ms:7.1f} ms{note}", flush=True)
+                rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
+                for number in range(1, args.rounds + 1):
+                    for target in targets:
+                        cell = run_cell(target, scenario, concurrency, args)
+                        rounds[target.name].append(cell)
+                        note = f"  errors: {'; '.join(cell.error_samples)}" \
+                            if cell.errors else ""
+                        turn = f" [{number}/{args.rounds}]" if args.rounds > 1 else ""
+                        print(f"  {scenario:>9} c={concurrency:<5} {target.name:>8}{turn}: "
+                              f"{cell.rps:9,.1f} req/s  p50 {cell.p50_ms:7.1f} ms"
+                              f"  ttfb p99 {cell.ttfb_p99_ms:7.1f} ms{note}", flush=True)
+                cells += [pool_rounds(rounds[t.name]) for t in targets]
+    pooled = f"; {args.rounds} rounds per cell, samples pooled" if args.rounds > 1 else ""
     print(f"\nbenchmark took {time.monotonic() - started:.0f} s; cells of {args.duration_s:g} s"
-          f" after {args.warmup_s:g} s warm-up; latencies from request sent to last byte\n")
+          f" after {args.warmup_s:g} s warm-up{pooled}; latencies from request sent to last"
+          " byte\n")
     print(format_table(cells))
     for name in ("gateway", "compare"):
         if any(c.target == name for c in cells) and any(c.target == "relay" for c in cells):

@@ -60,6 +60,8 @@ class Spec:
     # A refusal with retry-after (429/503) is waited out and counted as shed, as the
     # openai SDK does; False counts it as an error and sends again at once.
     honour_retry_after: bool = True
+    # Also print every measured latency and TTFB (ms), so that rounds can be pooled.
+    keep_samples: bool = False
 
 
 @dataclass
@@ -319,7 +321,12 @@ async def run_load(spec: Spec) -> dict[str, Any]:
         if start is not None and end is not None:
             process_cpu_s[name.removesuffix("+tree")] = (end - start) / CLOCK_TICKS
     rss = read_peak_rss_kib(spec.rss_pid) if spec.rss_pid else None
+    samples = {
+        "latencies_ms": [round(1000 * v, 3) for v in tally.latencies],
+        "ttfbs_ms": [round(1000 * v, 3) for v in tally.ttfbs],
+    } if spec.keep_samples else {}
     return {
+        **samples,
         "completed": len(tally.latencies),
         "errors": tally.errors,
         "shed": tally.shed,

@@ -115,6 +115,10 @@ class Cell:
     unfinished: int = 0
     unfinished_older_than_window: int = 0
     oldest_unfinished_s: float = 0.0
+    rounds: int = 1  # measured windows pooled into this cell (``pool_rounds``)
+    # The raw samples (ms) behind the percentiles, kept only to pool rounds.
+    latencies_ms: list[float] = field(default_factory=list, repr=False)
+    ttfbs_ms: list[float] = field(default_factory=list, repr=False)
 
     @property
     def gen_cpu_share(self) -> float:
@@ -126,9 +130,54 @@ class Cell:
 
     def as_json(self) -> dict[str, Any]:
         out = dict(self.__dict__)
+        del out["latencies_ms"], out["ttfbs_ms"]
         out["gen_cpu_share"] = self.gen_cpu_share
         out["gen_us_per_req"] = self.gen_us_per_req
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in out.items()}
+
+
+def pool_rounds(rounds: Sequence[Cell]) -> Cell:
+    """One cell from several measured windows of the same (scenario, concurrency, target):
+    counts and CPU add up, requests/s is over the summed windows, and the percentiles are
+    taken over every round's samples together (not averaged), so a p99 rests on all of
+    them. Rounds of different targets run alternately, so slow drift on a shared machine
+    falls on each target alike."""
+    if not rounds:
+        raise ValueError("no rounds to pool")
+    first = rounds[0]
+    if any((c.scenario, c.concurrency, c.target) != (first.scenario, first.concurrency,
+                                                        first.target) for c in rounds):
+        raise ValueError("rounds of different cells")
+    if len(rounds) == 1:
+        return first
+    latencies = [v for c in rounds for v in c.latencies_ms]
+    ttfbs = [v for c in rounds for v in c.ttfbs_ms]
+    window = sum(c.window_s for c in rounds)
+    completed = sum(c.completed for c in rounds)
+    process_cpu: dict[str, float] = {}
+    for c in rounds:
+        for name, seconds in c.process_cpu_s.items():
+            process_cpu[name] = process_cpu.get(name, 0.0) + seconds
+    rss = [c.peak_rss_mib for c in rounds if c.peak_rss_mib is not None]
+    per_req = [c.cpu_ms_per_req * c.completed for c in rounds if c.cpu_ms_per_req is not None]
+    samples: dict[str, None] = {}
+    for c in rounds:
+        samples.update(dict.fromkeys(c.error_samples))
+    return Cell(
+        scenario=first.scenario, concurrency=first.concurrency, target=first.target,
+        rps=completed / window if window > 0 else math.nan, completed=completed,
+        errors=sum(c.errors for c in rounds), window_s=window,
+        p50_ms=percentile(latencies, 50), p99_ms=percentile(latencies, 99),
+        ttfb_p50_ms=percentile(ttfbs, 50), ttfb_p99_ms=percentile(ttfbs, 99),
+        gen_cpu_s=sum(c.gen_cpu_s for c in rounds),
+        cpu_ms_per_req=sum(per_req) / completed if per_req and completed else None,
+        peak_rss_mib=max(rss) if rss else None, process_cpu_s=process_cpu,
+        error_samples=list(samples), shed=sum(c.shed for c in rounds),
+        unfinished=sum(c.unfinished for c in rounds),
+        unfinished_older_than_window=sum(c.unfinished_older_than_window for c in rounds),
+        oldest_unfinished_s=max(c.oldest_unfinished_s for c in rounds),
+        rounds=sum(c.rounds for c in rounds), latencies_ms=latencies, ttfbs_ms=ttfbs,
+    )
 
 
 def _num(value: float | None, digits: int = 1) -> str:

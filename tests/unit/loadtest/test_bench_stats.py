@@ -15,6 +15,7 @@ from loadtest.bench.stats import (
     format_table,
     format_versus,
     percentile,
+    pool_rounds,
     proc_stat_ppid,
     proc_stat_ticks,
     proc_status_kib,
@@ -146,3 +147,50 @@ def test_retry_after_of() -> None:
     both = b"HTTP/1.1 429 X\r\nretry-after: 1\r\nretry-after-ms: 340\r\nx: y"
     assert retry_after_of(both) == 0.34  # milliseconds first, as the openai SDKs read them
     assert retry_after_of(b"HTTP/1.1 429 X\r\nretry-after-ms: x\r\nretry-after: 3") == 3.0
+
+
+def _round(latencies: list[float], ttfbs: list[float], *, window: float = 2.0,
+           gateway_cpu: float = 0.5, rss: float = 100.0, errors: int = 0) -> Cell:
+    return Cell(scenario="realistic", concurrency=100, target="gateway",
+                rps=len(latencies) / window, completed=len(latencies), errors=errors,
+                window_s=window, p50_ms=percentile(latencies, 50),
+                p99_ms=percentile(latencies, 99), ttfb_p50_ms=percentile(ttfbs, 50),
+                ttfb_p99_ms=percentile(ttfbs, 99), gen_cpu_s=0.1,
+                cpu_ms_per_req=1000 * gateway_cpu / len(latencies), peak_rss_mib=rss,
+                process_cpu_s={"gateway": gateway_cpu, "mock": 0.2},
+                error_samples=["1x timeout"] if errors else [], shed=1,
+                latencies_ms=latencies, ttfbs_ms=ttfbs)
+
+
+def test_pooled_rounds_take_percentiles_over_every_sample() -> None:
+    # Each round alone has a p99 of 99; pooled, the p99 rank lands among the big values of
+    # the second round only because the samples are pooled, not averaged.
+    first = _round([float(v) for v in range(1, 101)], [1.0] * 100)
+    second = _round([float(v) for v in range(101, 201)], [float(v) for v in range(1, 101)],
+                    window=3.0, gateway_cpu=1.5, rss=120.0, errors=2)
+    pooled = pool_rounds([first, second])
+    assert pooled.completed == 200
+    assert pooled.rounds == 2
+    assert pooled.window_s == 5.0
+    assert pooled.rps == 200 / 5.0
+    assert pooled.p50_ms == 100.0
+    assert pooled.p99_ms == 198.0
+    assert pooled.ttfb_p50_ms == 1.0
+    assert pooled.ttfb_p99_ms == 98.0
+    assert pooled.process_cpu_s == {"gateway": 2.0, "mock": 0.4}
+    assert pooled.cpu_ms_per_req == 1000 * 2.0 / 200
+    assert pooled.peak_rss_mib == 120.0
+    assert pooled.errors == 2
+    assert pooled.shed == 2
+    assert pooled.error_samples == ["1x timeout"]
+    assert "latencies_ms" not in pooled.as_json()
+
+
+def test_one_round_is_the_cell_itself_and_mixed_cells_are_refused() -> None:
+    only = _round([1.0, 2.0], [0.5, 0.5])
+    assert pool_rounds([only]) is only
+    other = _cell("direct", 10.0, 1.0)
+    with pytest.raises(ValueError, match="different cells"):
+        pool_rounds([only, other])
+    with pytest.raises(ValueError, match="no rounds"):
+        pool_rounds([])
