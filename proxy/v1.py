@@ -31,7 +31,7 @@ from proxy.asgi import (
 from proxy.asgi import send_response as send_whole
 from proxy.gateway import Gateway
 from proxy.v1_request import ROUTES, parse_request
-from proxy.v1_stream import relay_reply
+from proxy.v1_stream import StreamOpener, relay_reply
 from store.errors import StoreError
 from workers.dispatch import Reply, Request
 from workers.errors import (
@@ -147,6 +147,7 @@ class V1App:
             body=parsed.body, raw_body=raw, model=parsed.model, stream=parsed.stream,
             include_usage=parsed.include_usage, prompt_estimate=prompt,
             max_output=parsed.max_output, owner=owner, account=account,
+            opener=StreamOpener(send, rid) if parsed.stream else None,
         )
         reply: Reply | None = None
         status = 500

@@ -1,12 +1,12 @@
 """Sending an upstream reply to the /v1 client: whole bodies, and streams as they come.
 
-Owns :class:`ClientSink` and :func:`relay_reply`. Once a stream's head is sent the
-request task takes whatever is queued in the job's reply channel and hands the job a
-``ClientSink`` in the same step; from then on the key actor writes each chunk straight to
-the client (one task per chunk instead of two), after the queued bytes. The request task
-stays behind to send ``: ping`` comments while the upstream is idle and the end of the
-body when the job ends. The sink lets one writer at a time through, so a ping never lands
-inside a chunk.
+Owns :class:`ClientSink`, :class:`StreamOpener` and :func:`relay_reply`. The key actor
+starts a stream with the request's ``StreamOpener`` as soon as the upstream answers: it
+sends the head and hands the job a ``ClientSink``, and from then on writes each chunk
+straight to the client (one task per chunk instead of two, and no pass through the
+scheduler before the first byte). The request task stays behind to send ``: ping``
+comments while the upstream is idle and the end of the body when the job ends. The sink
+lets one writer at a time through, so a ping never lands inside a chunk.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from proxy.asgi import Send
 from proxy.asgi import send_response as send_whole
 from proxy.direct_send import chunk_writer
 from workers.dispatch import Reply
+from workers.job import Started
 
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -63,6 +64,22 @@ class ClientSink:
                 self._free = None
 
 
+class StreamOpener:
+    """Sends a stream's head (status, SSE headers, the request id) and returns its sink."""
+
+    __slots__ = ("_rid", "_send")
+
+    def __init__(self, send: Send, rid: tuple[bytes, bytes]) -> None:
+        self._send = send
+        self._rid = rid
+
+    async def __call__(self, started: Started) -> ClientSink:
+        send = self._send
+        await send({"type": "http.response.start", "status": started.status,
+                    "headers": [*_SSE_HEADERS, self._rid]})
+        return ClientSink(send, chunk_writer(send))
+
+
 async def relay_reply(
     send: Send, reply: Reply, rid: tuple[bytes, bytes], done: list[bool], ping_s: float
 ) -> None:
@@ -74,16 +91,15 @@ async def relay_reply(
         done[0] = True
         await send_whole(send, started.status, body, headers)
         return
-    await send({"type": "http.response.start", "status": started.status,
-                "headers": [*_SSE_HEADERS, rid]})
-    sink = ClientSink(send, chunk_writer(send))
-    # Take what is queued and hand the sink over in one step (no checkpoint between): the
-    # key actor writes every later chunk straight to the client, and the sink lets it
-    # through only after the queued bytes. (Handing over only once a look found the
-    # channel empty never happened under load: a request task that runs late finds a
-    # chunk queued every time, and then every chunk took two tasks.)
+    job = reply.job
+    if job.sink is None:  # the key actor had no opener: start the stream here
+        # Hand the sink over and take what is queued in one step (no checkpoint between):
+        # the key actor writes every later chunk straight to the client, and the sink
+        # lets it through only after the queued bytes.
+        job.sink = await StreamOpener(send, rid)(started)
+    sink = job.sink
+    assert isinstance(sink, ClientSink)  # the only sink /v1 hands out
     queued, ended = reply.take_queued()
-    reply.job.sink = sink
     if queued:
         await sink.send(queued)
     while not ended:

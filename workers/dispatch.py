@@ -32,7 +32,7 @@ from workers.errors import (
     UpstreamTimeout,
 )
 from workers.failure import LOCAL_RESOURCES, FailureClass
-from workers.job import Event, Failed, Job, Started
+from workers.job import Event, Failed, Job, Opener, Started
 from workers.overload import Admission
 from workers.pool import KeyPool
 from workers.pricing import Prices, cost_micro
@@ -60,6 +60,7 @@ class Request:
     owner: ApiKeyOwner
     account: Account
     started_at: float = field(default_factory=trio.current_time)
+    opener: Opener | None = None  # starts a stream's response (see ``workers.job``)
 
 
 @dataclass(slots=True)
@@ -153,6 +154,7 @@ class Dispatcher:
                 stream=req.stream, include_usage=req.include_usage,
                 prompt_estimate=req.prompt_estimate, max_output=req.max_output,
                 token_budget=token_budget, deadline=deadline, reply=send,
+                opener=req.opener,
             )
             if not actor.submit_nowait(job):
                 try:

@@ -6,6 +6,10 @@ then (after ``Started``) raw body bytes, then the channel closes. Once the clien
 has taken a stream's first bytes it may hand the job a ``Sink``: from then on the key
 actor writes the stream's bytes straight to the client through it (no hop through the
 channel and the request task per chunk), and the channel only closes at the end.
+The client's side may also give the job an ``Opener``: the key actor then sends a
+stream's head itself as soon as the upstream has answered, and hands its bytes to the
+sink from the first one (the request task learns of the start afterwards; waiting for
+it to run first cost a scheduler pass before every stream's first byte).
 Counting state lives on the job so the dispatcher can bill whatever was relayed even
 when the client leaves.
 """
@@ -62,6 +66,13 @@ class Sink(Protocol):
         ...
 
 
+class Opener(Protocol):
+    """Starts a stream's response to the client; returns where its bytes go."""
+
+    async def __call__(self, started: Started) -> Sink:
+        ...
+
+
 @dataclass(eq=False, slots=True)
 class Job:
     request_id: str
@@ -88,6 +99,7 @@ class Job:
     whole_completion_estimate: int = 0  # a non-stream body's completion, when no usage came
     aborted: bool = False
     sink: Sink | None = None  # set by the client's side; used by the relay when present
+    opener: Opener | None = None  # the client's side's: the actor starts a stream with it
     _scope: trio.CancelScope | None = None
 
     def attach(self, scope: trio.CancelScope) -> None:

@@ -249,11 +249,16 @@ class KeyActor:
                     job.status = response.status
                     if response.status >= 400:
                         return await self._upstream_error(job, response)
-                    await put(job.reply, Started(
+                    started = Started(
                         response.status,
                         response.headers.get("content-type", "application/json"),
                         self.key.id,
-                    ))
+                    )
+                    if job.stream and job.opener is not None and not job.aborted:
+                        # Committed: a stream that has started is not failed over. (An
+                        # aborted job's client side is gone or going: no head for it.)
+                        job.sink = await job.opener(started)
+                    await put(job.reply, started)
                     return await relay_body(job, response, self._idle_timeout_s,
                                             self._first_byte_timeout_s)
             failure = classify(None, None, timeout=True)
