@@ -123,7 +123,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Namespace) -> Cell:
+def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Namespace,
+             *, keep_samples: bool = False) -> Cell:
     from loadtest.bench.loadgen import build_request
 
     path = f"{target.prefix}/chat/completions"
@@ -132,7 +133,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
     spec = {
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
-        "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": args.rounds > 1,
+        "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": keep_samples,
         "rss_pid": (target.watch.get(target.serving)
                     or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
@@ -230,7 +231,8 @@ def main(argv: list[str] | None = None) -> None:
                 rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
                 for number in range(1, args.rounds + 1):
                     for target in targets:
-                        cell = run_cell(target, scenario, concurrency, args)
+                        cell = run_cell(target, scenario, concurrency, args,
+                                        keep_samples=args.rounds > 1)
                         rounds[target.name].append(cell)
                         note = f"  errors: {'; '.join(cell.error_samples)}" \
                             if cell.errors else ""

@@ -1,0 +1,49 @@
+"""The overload benchmark's verdict: the p99 ratio, and what makes a run not count."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from loadtest.bench.overload import verdict
+
+
+def _run(*, p99: float, scheduled: int = 1000, accepted: int = 1000, shed: int = 0,
+         errors: int = 0, retry_after_share: float | None = None) -> dict[str, Any]:
+    return {
+        "accepted_p99_ms": p99, "scheduled": scheduled, "sent": scheduled,
+        "accepted": accepted, "shed": shed, "errors": errors, "timeouts": 0,
+        "gen_limited": 0, "gen_cpu_share": 0.2, "retry_after_share": retry_after_share,
+        "refusal_kinds": {"429 gateway_overloaded": shed} if shed else {},
+        "outside_window_timeouts": 0, "error_samples": [], "peak_open_connections": 100,
+        "accepted_rps": accepted / 8, "offered_rps": scheduled / 8,
+    }
+
+
+def test_a_p99_within_twice_the_baseline_passes() -> None:
+    lines = verdict(_run(p99=10.0), _run(p99=19.0, scheduled=2000, shed=1000,
+                                         retry_after_share=1.0), 2.0)
+    assert lines[0].startswith("p99 accepted at 2x / p99 at 1x = 1.90")
+    assert lines[-1].startswith("PASS")
+
+
+def test_a_p99_over_twice_the_baseline_fails() -> None:
+    lines = verdict(_run(p99=10.0), _run(p99=21.0, scheduled=2000, shed=1000,
+                                         retry_after_share=1.0), 2.0)
+    assert lines[-1].startswith("FAIL")
+
+
+def test_a_refusal_without_retry_after_fails() -> None:
+    lines = verdict(_run(p99=10.0), _run(p99=12.0, scheduled=2000, shed=1000,
+                                         retry_after_share=0.9), 2.0)
+    assert lines[-1].startswith("FAIL")
+
+
+def test_a_baseline_that_did_not_keep_up_cannot_pass() -> None:
+    # At 1x the gateway already refused a tenth: its p99 is no "at capacity" figure, and
+    # a small ratio against it says nothing.
+    base = _run(p99=1800.0, accepted=900, shed=100, retry_after_share=1.0)
+    lines = verdict(base, _run(p99=90.0, scheduled=2000, shed=1200, retry_after_share=1.0),
+                    2.0)
+    assert any("baseline p99 is not a healthy" in line for line in lines)
+    assert lines[-1].startswith("FAIL")
+    assert lines[-1].endswith("(False)")
