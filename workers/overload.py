@@ -3,7 +3,9 @@
 Owns :class:`Admission`. A CPU-bound gateway does not queue requests anywhere visible:
 every accepted request becomes one more runnable task, and each pass of the scheduler
 takes longer for all of them. A monitor task sleeps in short steps and measures how
-late it wakes (the scheduler's lag). While the smoothed lag is above ``threshold_s`` the
+late it wakes (the scheduler's lag) and how much of that time the event loop's thread
+spent on the CPU. While the smoothed lag is above ``threshold_s`` and the thread is
+saturated (busy for ``_SATURATED`` of the window or more) the
 limit on requests in flight shrinks below what is in flight (x0.9; the average weighs
 the newest sample 0.1, so it takes ~10 late samples in a row), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
@@ -14,6 +16,9 @@ earlier overload is back past 1,000 within 2 s instead of 6). The limit
 moves at most once per ten samples (100 ms), so each move is seen before the next. A
 single long stall (a garbage collection) counts for at most twice the threshold, so it
 alone never shrinks the limit: overload is being late sample after sample.
+Lag without saturation is not overload, and refusing would not help: bursts (a
+thousand streams whose chunks come due together) or other processes taking the cores
+make the scheduler late while the gateway itself has time to spare.
 The limit never falls below ``min_limit``, so the gateway always makes progress even
 when refusing costs all the CPU. Open streams that only wait on their upstream cost no
 CPU and do not raise the lag: thousands of idle streams are let in, a few hundred busy
@@ -33,6 +38,8 @@ from __future__ import annotations
 
 import math
 import random
+import time
+from collections.abc import Callable
 
 import trio
 
@@ -49,6 +56,9 @@ WAIT_S = (0.25, 10.0)  # the bounds of the wait a refused client is told
 # of one move shows in the lag before the next (moving every sample overshot, down to a
 # limit that left the CPU idle while refused clients waited).
 _HOLD = 10
+# The event loop's thread on the CPU for this share of a window or more: saturated. The
+# lag alone also rises with bursts and with other processes taking the cores.
+_SATURATED = 0.9
 _JITTER = 0.25  # +-25 %, so a burst refused together does not come back together
 
 
@@ -57,12 +67,17 @@ class Admission:
 
     ``threshold_s`` 0 turns the control off (the limit stays infinite)."""
 
-    __slots__ = ("_completed", "_rate_samples", "_refused", "_sampled_at", "_since",
-                 "arriving", "completion_rate", "inflight", "lag_s", "limit", "min_limit",
-                 "refusal_rate", "threshold_s", "wait_s")
+    __slots__ = ("_busy_sum", "_completed", "_cpu_clock", "_rate_samples", "_refused",
+                 "_sampled_at", "_since", "arriving", "busy", "completion_rate", "inflight",
+                 "lag_s", "limit", "min_limit", "refusal_rate", "threshold_s", "wait_s")
 
-    def __init__(self, threshold_s: float, *, min_limit: int = 16) -> None:
+    def __init__(self, threshold_s: float, *, min_limit: int = 16,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
         self.threshold_s = threshold_s
+        # The CPU time of the thread that runs the event loop (and calls ``run``).
+        self._cpu_clock = cpu_clock
+        self.busy = 0.0  # share of the last window the loop's thread was on the CPU
+        self._busy_sum = 0.0
         self.min_limit = float(min_limit)
         self.lag_s = 0.0
         self.limit = math.inf
@@ -148,22 +163,26 @@ class Admission:
         ahead = self.inflight + self.refusal_rate * self.wait_s
         self.wait_s = min(WAIT_S[1], max(WAIT_S[0], ahead / max(rate, 1.0)))
 
-    def observe(self, lag_s: float) -> None:
-        """Fold one lag sample in and move the limit.
+    def observe(self, lag_s: float, busy: float = 1.0) -> None:
+        """Fold one sample in (the lag, and the share of the step the loop's thread was on
+        the CPU) and move the limit.
 
         A sample counts for at most twice the threshold: one long stall (a garbage
         collection, a slow disk write) is not overload; being late sample after sample is.
         """
         lag_s = min(lag_s, 2 * self.threshold_s)
         self.lag_s += _SMOOTHING * (lag_s - self.lag_s)
+        self._busy_sum += busy
         self._since += 1
         if self._since < _HOLD:
             return
+        self.busy = self._busy_sum / self._since
         self._since = 0
+        self._busy_sum = 0.0
         # A request let in early reaches the app's door within a pass or two; one that
         # never does (its client left) must not hold room for long.
         self.arriving = 0
-        if self.lag_s > self.threshold_s:
+        if self.lag_s > self.threshold_s and self.busy >= _SATURATED:
             self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
         elif self.lag_s < self.threshold_s / 2 and self.limit != math.inf:
             # Far below the threshold the limit is plainly too low (left over from an
@@ -178,9 +197,12 @@ class Admission:
         task_status.started()
         if self.threshold_s <= 0:
             return
+        then, cpu_then = trio.current_time(), self._cpu_clock()
         while True:
-            wake = trio.current_time() + _STEP_S
+            wake = then + _STEP_S
             await trio.sleep_until(wake)
-            now = trio.current_time()
-            self.observe(max(0.0, now - wake))
+            now, cpu = trio.current_time(), self._cpu_clock()
+            busy = min(1.0, (cpu - cpu_then) / (now - then)) if now > then else 1.0
+            self.observe(max(0.0, now - wake), busy)
             self.tally(now)
+            then, cpu_then = now, cpu

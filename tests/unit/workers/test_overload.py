@@ -75,8 +75,24 @@ def test_a_single_long_stall_does_not_limit() -> None:
     assert admission.limit == math.inf
 
 
-async def test_the_monitor_measures_how_late_it_wakes(mock_clock: MockClock) -> None:
+def test_lag_without_saturation_does_not_shrink_the_limit() -> None:
+    # Late by bursts, or by other processes on the cores, while the loop's thread has
+    # time to spare: refusing would not help.
     admission = Admission(0.05)
+    _busy(admission, 100)
+    for _ in range(50):
+        admission.observe(0.08, busy=0.6)
+    assert admission.lag_s > 0.05
+    assert admission.busy == pytest.approx(0.6)
+    assert admission.limit == math.inf
+    for _ in range(10):  # the same lag with the thread saturated is overload
+        admission.observe(0.08, busy=0.95)
+    assert admission.limit == 90
+
+
+async def test_the_monitor_measures_how_late_it_wakes(mock_clock: MockClock) -> None:
+    # A loop thread on the CPU the whole time: its CPU clock runs with the wall clock.
+    admission = Admission(0.05, cpu_clock=trio.current_time)
     _busy(admission, 100)
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
@@ -236,3 +252,20 @@ def test_an_early_count_that_never_enters_lapses_within_a_window() -> None:
         admission.observe(0.0)  # one 100 ms window
     assert admission.arriving == 0
     assert admission.arrive()
+
+
+async def test_the_monitor_measures_the_loop_threads_cpu(mock_clock: MockClock) -> None:
+    cpu = [0.0]  # the thread's CPU clock: on the CPU for half of every step
+    admission = Admission(0.05, cpu_clock=lambda: cpu[0])
+    _busy(admission, 100)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(admission.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for _ in range(20):  # late by 80 ms each time, busy for half of it
+            cpu[0] += 0.045
+            mock_clock.jump(0.09)
+            await trio.testing.wait_all_tasks_blocked()
+        assert admission.lag_s > 0.05
+        assert admission.busy == pytest.approx(0.5)
+        assert admission.limit == math.inf  # late, but not saturated
+        nursery.cancel_scope.cancel()
