@@ -73,9 +73,24 @@ class Reply:
     _receive: trio.MemoryReceiveChannel[Event]
 
     async def chunks(self) -> AsyncIterator[bytes]:
-        async for event in self._receive:
+        while (event := await self._next()) is not None:
             if isinstance(event, bytes):
                 yield event
+
+    async def _next(self) -> Event | None:
+        """The next event, or None at the end. An event already queued (a whole body
+        usually is, with the end, when the request task learns of the start) is taken
+        without a pass through the scheduler: ``receive`` always makes one."""
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            pass
+        except trio.EndOfChannel:
+            return None
+        try:
+            return await self._receive.receive()
+        except trio.EndOfChannel:
+            return None
 
     def take_queued(self) -> tuple[bytes, bool]:
         """Every body byte already queued, joined (chunks that arrived together leave
@@ -93,13 +108,10 @@ class Reply:
 
     async def next_chunk(self) -> bytes | None:
         """The next body bytes, or None at the end."""
-        while True:
-            try:
-                event = await self._receive.receive()
-            except trio.EndOfChannel:
-                return None
+        while (event := await self._next()) is not None:
             if isinstance(event, bytes):
                 return event
+        return None
 
 
 class Dispatcher:
