@@ -73,7 +73,7 @@ class Opener(Protocol):
         ...
 
 
-@dataclass(eq=False, slots=True)
+@dataclass(eq=False, slots=True, weakref_slot=True)
 class Job:
     request_id: str
     endpoint: str  # chat | completions | embeddings

@@ -146,6 +146,10 @@ class KeyActor:
                     # A bug serving one request must not take the key (or the gateway) down;
                     # the job's reply channel is closed, so its client gets an error.
                     log.exception("unexpected error serving a request on key %s", self.key.id)
+                # An idle worker must not hold its last job (the request's body, its reply
+                # channel, the client's connection state) until the next one comes: with
+                # thousands of workers that pinned thousands of finished requests.
+                del job
 
     async def _serve(self, job: Job) -> None:
         async with job.reply:

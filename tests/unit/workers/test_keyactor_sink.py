@@ -3,7 +3,9 @@ stalled client."""
 
 from __future__ import annotations
 
+import gc
 import math
+import weakref
 
 import httpx
 import pytest
@@ -171,3 +173,20 @@ async def test_a_job_aborted_while_the_upstream_answers_is_not_started(
         await collect(receive)
     assert opener.calls == []
     assert job.sink is None
+
+
+async def test_an_idle_worker_holds_nothing_of_the_job_it_served(
+    autojump_clock: MockClock,
+) -> None:
+    async with running_actor(make_key(), _streaming(HELLO, DONE)) as actor:
+        job, receive = make_job(stream=True)
+        opener = RecordingOpener(receive)
+        job.opener = opener
+        served = weakref.ref(job)
+        assert actor.submit_nowait(job)
+        await collect(receive)
+        del job, opener, receive
+        await trio.testing.wait_all_tasks_blocked()
+        gc.collect()
+        # Freed while the actor runs on: its worker waits for the next job holding none.
+        assert served() is None
