@@ -6,8 +6,9 @@ takes longer for all of them. A monitor task sleeps in short steps and measures 
 late it wakes (the scheduler's lag) and how much of that time the event loop's thread
 spent on the CPU. While the smoothed lag is above ``threshold_s`` and the thread is
 saturated (busy for ``_SATURATED`` of the window or more) the
-limit on requests in flight shrinks below what is in flight (x0.9; the average weighs
-the newest sample 0.1, so it takes ~10 late samples in a row), so new
+limit on requests in flight shrinks below what is in flight (x0.9 when the lag is just
+over the threshold, down to x0.5 at twice it; the average weighs the newest sample 0.1,
+so it takes ~10 late samples in a row), so new
 completions are refused at the door (429 with ``retry-after``, before auth or body
 parsing) and the requests already accepted keep their latency; while the lag is below
 half the threshold the limit grows back until it no longer binds: +5 % a window near
@@ -45,7 +46,8 @@ import trio
 
 _STEP_S = 0.01  # how often the lag is sampled when the scheduler keeps up
 _SMOOTHING = 0.1  # weight of the newest sample in the moving average (~10 samples)
-_DECREASE = 0.9
+_DECREASE = 0.9  # the gentlest cut, when the lag is just over the threshold
+_DEEPEST_DECREASE = 0.5  # the deepest, when it is twice the threshold (samples' cap)
 _INCREASE = 0.05
 _FAST_INCREASE = 0.25
 _UNLIMITED_ABOVE = 1_000_000.0  # a limit grown past this is dropped altogether
@@ -183,7 +185,12 @@ class Admission:
         # never does (its client left) must not hold room for long.
         self.arriving = 0
         if self.lag_s > self.threshold_s and self.busy >= _SATURATED:
-            self.limit = max(self.min_limit, min(self.limit, self.inflight) * _DECREASE)
+            # Cut by how far over the threshold the lag is: x0.9 just over it, down to
+            # x0.5 at twice it. At the onset of an overload the in-flight count is far
+            # above what the gateway can serve in time; x0.9 a window took ~2 s to get
+            # there, while the queue grew and clients opened connection after connection.
+            cut = max(_DEEPEST_DECREASE, min(_DECREASE, self.threshold_s / self.lag_s))
+            self.limit = max(self.min_limit, min(self.limit, self.inflight) * cut)
         elif self.lag_s < self.threshold_s / 2 and self.limit != math.inf:
             # Far below the threshold the limit is plainly too low (left over from an
             # earlier overload): grow it fast; near it, probe gently.

@@ -41,7 +41,9 @@ def test_lag_shrinks_the_limit_below_what_is_in_flight_then_it_grows_back() -> N
         admission.observe(0.08)
         assert admission.limit == 180
     admission.observe(0.08)
-    assert admission.limit == 162  # 100 ms later: x0.9 again
+    # 100 ms later, further over the threshold (smoothed 0.070): cut deeper, by 0.05/0.070.
+    assert 0.07 < admission.lag_s < 0.071
+    assert admission.limit == pytest.approx(180 * 0.05 / admission.lag_s)
     for _ in range(300):  # still lagging: the limit keeps falling, down to the floor
         admission.observe(0.08)
     assert admission.limit == 16
@@ -67,6 +69,30 @@ def test_lag_shrinks_the_limit_below_what_is_in_flight_then_it_grows_back() -> N
     assert admission.limit == math.inf  # grown past a million: no limit at all
 
 
+def _first_cut(lag_s: float) -> Admission:
+    admission = Admission(0.05)
+    _busy(admission, 100)
+    while admission.limit == math.inf:
+        admission.observe(lag_s)
+    return admission
+
+
+def test_the_cut_is_between_x09_and_x05_by_how_late_the_scheduler_is() -> None:
+    barely = _first_cut(0.051)  # barely over the threshold: the gentlest cut
+    assert barely.limit == pytest.approx(90)
+    far = _first_cut(1.0)  # counted as 0.1, twice the threshold; smoothed 0.065 by then
+    assert far.lag_s == pytest.approx(0.1 * (1 - 0.9 ** 10))
+    assert far.limit == pytest.approx(100 * 0.05 / far.lag_s)
+    limits = [far.limit]
+    for _ in range(100):  # the smoothed lag nears the cap: x0.5 a window
+        far.observe(1.0)
+        limits.append(far.limit)
+    moves = [b / a for a, b in pairwise(limits) if a != b and b > far.min_limit]
+    assert moves
+    assert all(0.5 - 1e-9 <= m <= 0.9 + 1e-9 for m in moves)
+    assert far.limit == far.min_limit
+
+
 def test_a_single_long_stall_does_not_limit() -> None:
     admission = Admission(0.05)
     _busy(admission, 100)
@@ -87,7 +113,7 @@ def test_lag_without_saturation_does_not_shrink_the_limit() -> None:
     assert admission.limit == math.inf
     for _ in range(10):  # the same lag with the thread saturated is overload
         admission.observe(0.08, busy=0.95)
-    assert admission.limit == 90
+    assert admission.limit == pytest.approx(100 * 0.05 / admission.lag_s)
 
 
 async def test_the_monitor_measures_how_late_it_wakes(mock_clock: MockClock) -> None:
