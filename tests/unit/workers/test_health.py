@@ -254,7 +254,9 @@ def test_invariants_under_any_history(events: list[tuple[object, float, float | 
         assert health.available(now) == (wait == 0.0)
         if state in (H.COOLING, H.OPEN):
             assert wait is not None
-            assert 0 < wait <= 100.0
+            # At most the longest wait given (100 s), up to rounding: (now + 100) - now
+            # can come out an ulp of ``now`` above 100 (hypothesis found 100.00000000000001).
+            assert 0 < wait <= 100.0 + 1e-9
             at = health.available_at(now)
             assert at is not None
             assert copy.deepcopy(health).available(at)
