@@ -61,8 +61,9 @@ def register_snapshots(
         "How late the event loop runs work (smoothed); above the overload threshold the "
         "admission limit shrinks", [], lambda: [((), admission.lag_s)])
     add("airgate_event_loop_busy_ratio",
-        "Share of the last 100 ms the event loop's thread was on the CPU; the admission "
-        "limit shrinks only when this is 0.9 or more", [], lambda: [((), admission.busy)])
+        "Share of the last 100 ms the event loop's thread was running or waiting for a "
+        "core; the admission limit shrinks only when this is 0.9 or more", [],
+        lambda: [((), admission.busy)])
     add("airgate_admission_limit", "Completions let in at once (+Inf: no limit)", [],
         lambda: [((), admission.limit)])
     add("airgate_admitted_requests", "Completions in flight (counted at the door)", [],

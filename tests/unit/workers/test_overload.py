@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from itertools import pairwise
 
 import pytest
@@ -10,7 +11,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from workers.overload import WAIT_S, Admission
+from workers.overload import WAIT_S, Admission, busy_clock
 
 
 def _busy(admission: Admission, n: int) -> None:
@@ -295,3 +296,18 @@ async def test_the_monitor_measures_the_loop_threads_cpu(mock_clock: MockClock) 
         assert admission.busy == pytest.approx(0.5)
         assert admission.limit == math.inf  # late, but not saturated
         nursery.cancel_scope.cancel()
+
+
+def test_the_busy_clock_runs_while_the_thread_works_and_stops_while_it_sleeps() -> None:
+    # A real clock of this thread (Linux schedstat, or its CPU time): no mock stands in.
+    with busy_clock() as clock:
+        start = time.perf_counter()
+        before = clock()
+        while time.perf_counter() - start < 0.05:
+            pass
+        worked = clock() - before
+        before = clock()
+        time.sleep(0.05)
+        slept = clock() - before
+    assert 0.04 <= worked <= 0.2
+    assert slept < 0.02
