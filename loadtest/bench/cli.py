@@ -32,7 +32,14 @@ from loadtest.bench.processes import (
     start_mock,
     start_relay,
 )
-from loadtest.bench.stats import Cell, format_table, format_versus, pool_rounds
+from loadtest.bench.stats import (
+    Cell,
+    busiest_share,
+    format_table,
+    format_versus,
+    pool_rounds,
+    read_cpu_ticks,
+)
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "nonstream": {"stream": False, "mock": {"chunks": 20, "ttft_ms": 0, "chunk_delay_ms": 0}},
@@ -165,6 +172,25 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
     return cell
 
 
+SETTLE_SHARE = 0.05  # a server busier than this (of one core) has work left over
+SETTLE_WINDOW_S = 0.5
+SETTLE_MAX_S = 30.0
+
+
+def settle(pids: list[int]) -> float:
+    """Wait until no server process is still busy with an earlier cell's work (a server
+    that fell behind at concurrency 1000 goes on working after its generator is gone,
+    and would take CPU from the next target's cell). Returns the seconds waited."""
+    started = time.monotonic()
+    while time.monotonic() - started < SETTLE_MAX_S:
+        before = {pid: read_cpu_ticks(pid) for pid in pids}
+        time.sleep(SETTLE_WINDOW_S)
+        after = {pid: read_cpu_ticks(pid) for pid in pids}
+        if busiest_share(before, after, SETTLE_WINDOW_S) <= SETTLE_SHARE:
+            break
+    return time.monotonic() - started
+
+
 def format_cpu(cells: list[Cell]) -> str:
     """Each process's CPU in each cell, as % of one core (the machine may have few cores)."""
     lines = ["CPU % of one core during each cell's window (gen = the load generator;"
@@ -226,11 +252,16 @@ def main(argv: list[str] | None = None) -> None:
                                       gateway.api_key, MODEL, watch, "gateway"))
             else:
                 targets.append(_compare_target(args))
+        servers = sorted({pid for t in targets for pid in t.watch.values()})
         for scenario in args.scenarios:
             for concurrency in args.concurrency:
                 rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
                 for number in range(1, args.rounds + 1):
                     for target in targets:
+                        waited = settle(servers)
+                        if waited > 2 * SETTLE_WINDOW_S:
+                            print(f"  (waited {waited:.1f} s for the servers to finish the"
+                                  " last cell's work)", flush=True)
                         cell = run_cell(target, scenario, concurrency, args,
                                         keep_samples=args.rounds > 1)
                         rounds[target.name].append(cell)

@@ -180,6 +180,18 @@ def pool_rounds(rounds: Sequence[Cell]) -> Cell:
     )
 
 
+def busiest_share(before: dict[int, int | None], after: dict[int, int | None],
+                  window_s: float) -> float:
+    """The highest CPU share of one core, over ``window_s``, of the processes sampled
+    twice (clock ticks by pid); processes missing from either sample are skipped."""
+    shares = [0.0]
+    for pid, start in before.items():
+        end = after.get(pid)
+        if start is not None and end is not None:
+            shares.append((end - start) / CLOCK_TICKS / window_s)
+    return max(shares)
+
+
 def _num(value: float | None, digits: int = 1) -> str:
     if value is None or math.isnan(value):
         return "-"

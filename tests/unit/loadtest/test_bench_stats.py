@@ -11,7 +11,9 @@ from hypothesis import strategies as st
 
 from loadtest.bench.loadgen import build_request, chunked_end, parse_head, retry_after_of
 from loadtest.bench.stats import (
+    CLOCK_TICKS,
     Cell,
+    busiest_share,
     format_table,
     format_versus,
     percentile,
@@ -194,3 +196,12 @@ def test_one_round_is_the_cell_itself_and_mixed_cells_are_refused() -> None:
         pool_rounds([only, other])
     with pytest.raises(ValueError, match="no rounds"):
         pool_rounds([])
+
+
+def test_busiest_share_is_the_busiest_process_and_skips_the_unreadable() -> None:
+    before = {1: 0, 2: 100, 3: None, 4: 50}
+    after = {1: CLOCK_TICKS // 10, 2: 100 + CLOCK_TICKS // 2, 3: 10**6, 5: 10**6}
+    # pid 2 used half a tick-second over 1 s: 50 % of a core; 3 and 4 are not comparable.
+    assert busiest_share(before, after, 1.0) == pytest.approx(0.5)
+    assert busiest_share(before, after, 0.5) == pytest.approx(1.0)
+    assert busiest_share({}, {}, 1.0) == 0.0
