@@ -23,6 +23,7 @@ from hypercorn.trio import serve as hypercorn_serve
 
 from observability.metrics import Metrics
 from proxy.app import build_app
+from proxy.batch_accept import install as install_batch_accept
 from proxy.direct_send import configure
 from proxy.gateway import Gateway
 from proxy.metrics_wiring import register_snapshots
@@ -168,6 +169,7 @@ async def serve(
                 async with trio.open_nursery() as http:
                     config = _hypercorn_config(settings, slot)
                     configure(config, direct_send=settings.direct_send, door=V1Door(gw))
+                    install_batch_accept()
                     binds = await http.start(_serve_http, build_app(gw), config, stop)
                     log.info("airgate listening on %s", ", ".join(binds))
                     # On an inherited socket hypercorn reports the fd, not an address.
