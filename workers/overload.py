@@ -62,8 +62,8 @@ WAIT_S = (0.25, 10.0)  # the bounds of the wait a refused client is told
 # of one move shows in the lag before the next (moving every sample overshot, down to a
 # limit that left the CPU idle while refused clients waited).
 _HOLD = 10
-# The event loop's thread on the CPU for this share of a window or more: saturated. The
-# lag alone also rises with bursts and with other processes taking the cores.
+# The event loop's thread running or waiting for a core for this share of a window or
+# more: saturated. The lag alone also rises with bursts of work that the loop catches up.
 _SATURATED = 0.9
 _JITTER = 0.25  # +-25 %, so a burst refused together does not come back together
 
@@ -73,17 +73,17 @@ class Admission:
 
     ``threshold_s`` 0 turns the control off (the limit stays infinite)."""
 
-    __slots__ = ("_busy_sum", "_completed", "_cpu_clock", "_rate_samples", "_refused",
+    __slots__ = ("_busy_sum", "_clock", "_completed", "_rate_samples", "_refused",
                  "_sampled_at", "_since", "arriving", "busy", "completion_rate", "inflight",
                  "lag_s", "limit", "min_limit", "refusal_rate", "threshold_s", "wait_s")
 
     def __init__(self, threshold_s: float, *, min_limit: int = 16,
-                 cpu_clock: Callable[[], float] | None = None) -> None:
+                 clock: Callable[[], float] | None = None) -> None:
         self.threshold_s = threshold_s
         # Seconds the thread that runs the event loop (and calls ``run``) has been busy;
-        # None: running or waiting for a core, from ``busy_clock``.
-        self._cpu_clock = cpu_clock
-        self.busy = 0.0  # share of the last window the loop's thread was on the CPU
+        # None: ``busy_clock`` (running or waiting for a core).
+        self._clock = clock
+        self.busy = 0.0  # share of the last window the loop's thread was busy
         self._busy_sum = 0.0
         self.min_limit = float(min_limit)
         self.lag_s = 0.0
@@ -171,8 +171,8 @@ class Admission:
         self.wait_s = min(WAIT_S[1], max(WAIT_S[0], ahead / max(rate, 1.0)))
 
     def observe(self, lag_s: float, busy: float = 1.0) -> None:
-        """Fold one sample in (the lag, and the share of the step the loop's thread was on
-        the CPU) and move the limit.
+        """Fold one sample in (the lag, and the share of the step the loop's thread was
+        running or waiting for a core) and move the limit.
 
         A sample counts for at most twice the threshold: one long stall (a garbage
         collection, a slow disk write) is not overload; being late sample after sample is.
@@ -210,16 +210,16 @@ class Admission:
         if self.threshold_s <= 0:
             return
         with busy_clock() as default_clock:
-            clock = self._cpu_clock or default_clock
-            then, cpu_then = trio.current_time(), clock()
+            clock = self._clock or default_clock
+            then, busy_then = trio.current_time(), clock()
             while True:
                 wake = then + _STEP_S
                 await trio.sleep_until(wake)
-                now, cpu = trio.current_time(), clock()
-                busy = min(1.0, (cpu - cpu_then) / (now - then)) if now > then else 1.0
+                now, busy_now = trio.current_time(), clock()
+                busy = min(1.0, (busy_now - busy_then) / (now - then)) if now > then else 1.0
                 self.observe(max(0.0, now - wake), busy)
                 self.tally(now)
-                then, cpu_then = now, cpu
+                then, busy_then = now, busy_now
 
 
 _SCHEDSTAT = "/proc/thread-self/schedstat"

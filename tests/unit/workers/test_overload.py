@@ -119,7 +119,7 @@ def test_lag_without_saturation_does_not_shrink_the_limit() -> None:
 
 async def test_the_monitor_measures_how_late_it_wakes(mock_clock: MockClock) -> None:
     # A loop thread on the CPU the whole time: its CPU clock runs with the wall clock.
-    admission = Admission(0.05, cpu_clock=trio.current_time)
+    admission = Admission(0.05, clock=trio.current_time)
     _busy(admission, 100)
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
@@ -283,7 +283,7 @@ def test_an_early_count_that_never_enters_lapses_within_a_window() -> None:
 
 async def test_the_monitor_measures_the_loop_threads_cpu(mock_clock: MockClock) -> None:
     cpu = [0.0]  # the thread's CPU clock: on the CPU for half of every step
-    admission = Admission(0.05, cpu_clock=lambda: cpu[0])
+    admission = Admission(0.05, clock=lambda: cpu[0])
     _busy(admission, 100)
     async with trio.open_nursery() as nursery:
         await nursery.start(admission.run)
