@@ -191,6 +191,27 @@ def settle(pids: list[int]) -> float:
     return time.monotonic() - started
 
 
+def measure(targets: list[Target], servers: list[int], scenario: str, concurrency: int,
+            args: argparse.Namespace) -> list[Cell]:
+    """One cell per target: ``args.rounds`` windows each, the targets taking turns, each
+    after the servers are idle, pooled."""
+    rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
+    for number in range(1, args.rounds + 1):
+        for target in targets:
+            waited = settle(servers)
+            if waited > 2 * SETTLE_WINDOW_S:
+                print(f"  (waited {waited:.1f} s for the servers to finish the last cell's"
+                      " work)", flush=True)
+            cell = run_cell(target, scenario, concurrency, args, keep_samples=args.rounds > 1)
+            rounds[target.name].append(cell)
+            note = f"  errors: {'; '.join(cell.error_samples)}" if cell.errors else ""
+            turn = f" [{number}/{args.rounds}]" if args.rounds > 1 else ""
+            print(f"  {scenario:>9} c={concurrency:<5} {target.name:>8}{turn}: "
+                  f"{cell.rps:9,.1f} req/s  p50 {cell.p50_ms:7.1f} ms"
+                  f"  ttfb p99 {cell.ttfb_p99_ms:7.1f} ms{note}", flush=True)
+    return [pool_rounds(rounds[t.name]) for t in targets]
+
+
 def format_cpu(cells: list[Cell]) -> str:
     """Each process's CPU in each cell, as % of one core (the machine may have few cores)."""
     lines = ["CPU % of one core during each cell's window (gen = the load generator;"
@@ -255,23 +276,7 @@ def main(argv: list[str] | None = None) -> None:
         servers = sorted({pid for t in targets for pid in t.watch.values()})
         for scenario in args.scenarios:
             for concurrency in args.concurrency:
-                rounds: dict[str, list[Cell]] = {t.name: [] for t in targets}
-                for number in range(1, args.rounds + 1):
-                    for target in targets:
-                        waited = settle(servers)
-                        if waited > 2 * SETTLE_WINDOW_S:
-                            print(f"  (waited {waited:.1f} s for the servers to finish the"
-                                  " last cell's work)", flush=True)
-                        cell = run_cell(target, scenario, concurrency, args,
-                                        keep_samples=args.rounds > 1)
-                        rounds[target.name].append(cell)
-                        note = f"  errors: {'; '.join(cell.error_samples)}" \
-                            if cell.errors else ""
-                        turn = f" [{number}/{args.rounds}]" if args.rounds > 1 else ""
-                        print(f"  {scenario:>9} c={concurrency:<5} {target.name:>8}{turn}: "
-                              f"{cell.rps:9,.1f} req/s  p50 {cell.p50_ms:7.1f} ms"
-                              f"  ttfb p99 {cell.ttfb_p99_ms:7.1f} ms{note}", flush=True)
-                cells += [pool_rounds(rounds[t.name]) for t in targets]
+                cells += measure(targets, servers, scenario, concurrency, args)
     pooled = f"; {args.rounds} rounds per cell, samples pooled" if args.rounds > 1 else ""
     print(f"\nbenchmark took {time.monotonic() - started:.0f} s; cells of {args.duration_s:g} s"
           f" after {args.warmup_s:g} s warm-up{pooled}; latencies from request sent to last"
