@@ -44,12 +44,19 @@ async def test_one_wait_then_the_queued_connections_without_a_checkpoint() -> No
         peers = {s.socket.getpeername() for s in [first, *rest]}
         assert peers == {c.getsockname() for c in made}
         # Nothing left: the next accept waits for a new connection.
-        with trio.move_on_after(0.05) as waited:
-            await listener.accept()
-        assert waited.cancelled_caught
-        with clients(raw.getsockname()[1], 1) as late:
-            stream = await listener.accept()
-            assert stream.socket.getpeername() == late[0].getsockname()
+        accepted: list[trio.SocketStream] = []
+
+        async def accept_one() -> None:
+            accepted.append(await listener.accept())
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept_one)
+            await trio.testing.wait_all_tasks_blocked()
+            assert accepted == []  # blocked waiting, not handed a stale connection
+            late = socket.create_connection(raw.getsockname())
+        stream = accepted[0]
+        assert stream.socket.getpeername() == late.getsockname()
+        late.close()
         for s in [first, *rest, stream]:
             await s.aclose()
 
