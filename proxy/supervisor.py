@@ -1,12 +1,19 @@
 """``airgate serve --workers N``: N gateway processes on one listening socket.
 
 The supervisor prepares what the workers share: the embedded Postgres cluster (when no
-``database_url`` is set), the migrations, and the listening socket, which each worker
-inherits (hypercorn's ``fd://`` bind; the kernel spreads connections among the processes
-blocked in ``accept``). Workers are ``airgate serve`` processes told their slot; each owns
-its share of every upstream key's rpm/tpm/concurrency (they add up to the key's limits),
-and quota leases plus change events keep users' quotas and admin changes consistent
-across them. SIGTERM/SIGINT are passed on; a worker that dies is started again.
+``database_url`` is set), the migrations, and the listening sockets. Each worker inherits
+one of its own (hypercorn's ``fd://`` bind), all bound to the same port with
+``SO_REUSEPORT``: the kernel spreads new connections among them by a hash of their
+addresses. With one socket shared, whichever worker was in ``accept`` when a burst of
+connects arrived took them all (it accepts up to 64 at once, ``proxy.batch_accept``):
+``wrk -c50`` against two workers ran on one of them, one run in two. The supervisor
+keeps the sockets open, so connections that arrive for a worker being restarted wait in
+its backlog. Without ``SO_REUSEPORT`` the workers share one socket.
+
+Workers are ``airgate serve`` processes told their slot; each owns its share of every
+upstream key's rpm/tpm/concurrency (they add up to the key's limits), and quota leases
+plus change events keep users' quotas and admin changes consistent across them.
+SIGTERM/SIGINT are passed on; a worker that dies is started again.
 """
 
 from __future__ import annotations
@@ -44,6 +51,30 @@ def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
     return sock
 
 
+def listen_sockets(host: str, port: int, backlog: int, count: int) -> list[socket.socket]:
+    """``count`` listening sockets on one port, each for one worker (``SO_REUSEPORT``);
+    one socket shared by all where the system lacks it or ``count`` is 1."""
+    if count == 1 or not hasattr(socket, "SO_REUSEPORT"):
+        return [listen_socket(host, port, backlog)] * count
+    sockets: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.socket(family, socket.SOCK_STREAM)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind((host, port))
+            port = sock.getsockname()[1]  # port 0: the others take the one it was given
+            sock.listen(backlog)
+            sock.set_inheritable(True)
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
 async def _migrate(dsn: str) -> None:
     async with open_store(dsn, pool_size=1) as db:
         await apply_migrations(db)
@@ -72,11 +103,12 @@ def run_workers(settings: Settings) -> int:
             dsn = cluster.start()
             stack.callback(cluster.stop_unless_in_use)
         trio.run(_migrate, dsn)
-        sock = stack.enter_context(
-            listen_socket(settings.host, settings.port, settings.listen_backlog))
-        env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}
         count = settings.workers
-        procs = [_spawn(i, count, sock.fileno(), env) for i in range(count)]
+        sockets = listen_sockets(settings.host, settings.port, settings.listen_backlog, count)
+        for sock in set(sockets):
+            stack.enter_context(sock)
+        env = {**os.environ, "AIRGATE_DATABASE_URL": dsn, "AIRGATE_WORKERS": "1"}
+        procs = [_spawn(i, count, sockets[i].fileno(), env) for i in range(count)]
         log.info("supervising %d workers on %s:%d", count, settings.host, settings.port)
         while not stopping:
             time.sleep(0.2)
@@ -84,7 +116,7 @@ def run_workers(settings: Settings) -> int:
                 if proc.poll() is not None and not stopping:
                     log.error("worker %d exited with %s; starting it again", i, proc.returncode)
                     time.sleep(_RESTART_PAUSE_S)
-                    procs[i] = _spawn(i, count, sock.fileno(), env)
+                    procs[i] = _spawn(i, count, sockets[i].fileno(), env)
         for proc in procs:
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
