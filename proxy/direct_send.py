@@ -75,6 +75,7 @@ class DirectSendServer(TCPServer):
         self._idle_at = math.inf  # when this connection closes unless a request comes
         self._idle_wake: trio.Event | None = None  # set when it turns idle
         self._idle_scope = trio.CancelScope()
+        self._told_until = -math.inf  # the end of the wait the last early refusal told
 
     async def protocol_send(self, event: Any) -> None:
         kind = type(event)
@@ -158,7 +159,12 @@ class DirectSendServer(TCPServer):
         answer = door.refusal(*request)
         if answer is None:
             return False
-        await self.send_bytes(encode_response(*answer, self.config.response_headers("h11")))
+        early = self._told_until - trio.current_time()
+        if early > 0:  # back before the wait it was told: answered when that is over
+            await door.hold(early)
+        await self.send_bytes(encode_response(answer.status, answer.headers, answer.body,
+                                              self.config.response_headers("h11")))
+        self._told_until = trio.current_time() + answer.retry_after_s
         return True
 
     async def send_bytes(self, data: bytes) -> None:

@@ -1,13 +1,13 @@
 """Refusing an overloaded request before hypercorn parses it: the HTTP/1.1 side.
 
-Owns :class:`EarlyDoor` (what the connection handler asks), :func:`one_request` and
-:func:`encode_response`. While the gateway sheds load, most of a refusal's price is
-hypercorn's and h11's: parsing the request, building its scope, a task and a channel
-for it, and sending the answer through h11 (~0.4 CPU-ms, about half of what serving a
-small completion costs). At twice the capacity the refusals alone then take most of the
-core. ``proxy.direct_send.DirectSendServer`` asks the door about each read that holds
-exactly one whole request while the door is active (the gateway's: while the admission
-control has a limit), and writes the refusal itself.
+Owns :class:`EarlyDoor` (what the connection handler asks), :class:`Refusal`,
+:func:`one_request` and :func:`encode_response`. While the gateway sheds load, most of a
+refusal's price is hypercorn's and h11's: parsing the request, building its scope, a
+task and a channel for it, and sending the answer through h11 (~0.4 CPU-ms, about half
+of what serving a small completion costs). At twice the capacity the refusals alone then
+take most of the core. ``proxy.direct_send.DirectSendServer`` asks the door about each
+read that holds exactly one whole request while the door is active (the gateway's: while
+the admission control has a limit), and writes the refusal itself.
 
 Only the plainest requests qualify (:func:`one_request`): HTTP/1.1, a whole head and a
 ``content-length`` body in one read, no ``transfer-encoding``, ``expect``, ``upgrade``
@@ -15,25 +15,43 @@ or ``connection: close``, and the connection between requests with nothing buffe
 Anything else goes to hypercorn as usual, and the app's own door still applies. A
 connection that gets only early refusals is not an active one to hypercorn: its
 keep-alive timer, armed after its last served response, still runs.
+
+A request refused again on a connection before the ``retry-after`` its last refusal
+told (:attr:`Refusal.retry_after_s`) is answered when that wait is over
+(:meth:`EarlyDoor.hold`): a client that ignores the wait cannot be refused more often
+than once a wait. The connection's reading waits meanwhile, which is what its client
+does anyway, as HTTP/1.1 answers in order.
 """
 
 from __future__ import annotations
 
 from http import HTTPStatus
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 Headers = list[tuple[bytes, bytes]]
 
 _REFUSED_HEADERS = {b"transfer-encoding", b"expect", b"upgrade"}
 
 
+class Refusal(NamedTuple):
+    """The answer to a request refused early, and the wait it tells the client."""
+
+    status: int
+    headers: Headers
+    body: bytes
+    retry_after_s: float = 0.0
+
+
 class EarlyDoor(Protocol):
     def active(self) -> bool:
         """Whether to screen requests now (cheap: asked on every read)."""
 
-    def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:
-        """The answer (status, headers, body) to a request refused now, or None to let
-        it in. Called only while ``active()``, for each whole plain request."""
+    def refusal(self, method: bytes, target: bytes) -> Refusal | None:
+        """The answer to a request refused now, or None to let it in. Called only while
+        ``active()``, for each whole plain request."""
+
+    async def hold(self, seconds: float) -> None:
+        """Wait up to ``seconds`` before answering a refusal that came back too soon."""
 
 
 def one_request(data: bytes) -> tuple[bytes, bytes] | None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import secrets
 
-from proxy.early_refusal import Headers
+from proxy.early_refusal import Refusal
 from proxy.gateway import Gateway
 from proxy.v1 import access, error_response
 from proxy.v1_request import ROUTES
@@ -32,7 +32,7 @@ class V1Door:
     def active(self) -> bool:
         return self._admission.limited
 
-    def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:
+    def refusal(self, method: bytes, target: bytes) -> Refusal | None:
         path = target.partition(b"?")[0]
         route = self._routes.get(path.rstrip(b"/"))
         if route is None or method != b"POST" or self._admission.arrive():
@@ -44,4 +44,8 @@ class V1Door:
             access.info("request", extra={
                 "request_id": request_id, "method": "POST", "path": path.decode("latin-1"),
                 "status": err.status, "duration_ms": 0.0})
-        return error_response(err, (b"x-request-id", request_id.encode()))
+        return Refusal(*error_response(err, (b"x-request-id", request_id.encode())),
+                       err.retry_after_s or 0.0)
+
+    async def hold(self, seconds: float) -> None:
+        await self._admission.hold(seconds)

@@ -18,7 +18,7 @@ from tests.e2e.conftest import (
     start_gateway,
 )
 from tests.http1 import connect, exchange
-from workers.overload import WAIT_S
+from workers.overload import HOLD_MAX_S, WAIT_S
 
 CHAT = [{"role": "user", "content": "hello"}]
 
@@ -189,6 +189,47 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
     assert orjson.loads(data)["choices"][0]["message"]["content"]
     rows = await harness.wait_for_usage(user_id, 1)
     assert len(rows) == 1
+
+
+async def test_a_client_back_before_its_retry_after_is_answered_when_the_wait_is_over(
+    harness: Harness,
+) -> None:
+    """As wrk does: the next request on the connection the instant the refusal arrives.
+    It is held (a timer, not CPU) until the wait the first refusal told is over."""
+    key = (await harness.add_user())[1]
+    body = b'{"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi"}]}'
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
+               b"authorization: Bearer %s\r\ncontent-length: %d\r\n\r\n%s"
+               % (key.encode(), len(body), body))
+    stream = await connect(harness.base_url)
+    conn = h11.Connection(h11.CLIENT)
+    admission = harness.gw.admission
+    admission.limit = 0
+    try:
+        head, _ = await exchange(stream, conn, request)
+        answered = trio.current_time()
+        told_s = int(dict(head.headers)[b"retry-after-ms"]) / 1000
+        assert head.status_code == 429
+        held: list[int] = []
+
+        async def watch() -> None:
+            while not held:
+                if admission.held:
+                    held.append(admission.held)
+                await trio.sleep(0.01)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(watch)
+            head, data = await exchange(stream, conn, request)
+            nursery.cancel_scope.cancel()
+        assert head.status_code == 429
+        assert orjson.loads(data)["error"]["code"] == "gateway_overloaded"
+        assert held == [1]
+        assert trio.current_time() - answered >= min(told_s, HOLD_MAX_S) - 0.02
+        assert admission.held == 0
+    finally:
+        admission.limit = math.inf
+    await stream.aclose()
 
 
 @pytest.mark.parametrize("shedding", [False, True], ids=["bad key", "refused at the door"])

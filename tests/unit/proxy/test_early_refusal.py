@@ -8,9 +8,10 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trio.testing
 
 from proxy.asgi import read_body
-from proxy.early_refusal import Headers, encode_response, one_request
+from proxy.early_refusal import Refusal, encode_response, one_request
 from tests.http1 import exchange, read_response, serving
 
 BODY = b'{"model":"m"}'
@@ -19,18 +20,26 @@ POST = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: t\r\ncontent-type: applica
 
 
 class Door:
-    def __init__(self) -> None:
+    def __init__(self, retry_after_s: float = 0.0) -> None:
         self.on = True
         self.asked: list[tuple[bytes, bytes]] = []
+        self.retry_after_s = retry_after_s
+        self.held: list[float] = []
+        self.release = trio.Event()  # ends every hold
 
     def active(self) -> bool:
         return self.on
 
-    def refusal(self, method: bytes, target: bytes) -> tuple[int, Headers, bytes] | None:
+    def refusal(self, method: bytes, target: bytes) -> Refusal | None:
         self.asked.append((method, target))
         if method != b"POST" or not target.startswith(b"/v1/"):
             return None
-        return 429, [(b"retry-after", b"2"), (b"x-request-id", b"req_1")], b'{"error":{}}'
+        return Refusal(429, [(b"retry-after", b"2"), (b"x-request-id", b"req_1")],
+                       b'{"error":{}}', self.retry_after_s)
+
+    async def hold(self, seconds: float) -> None:
+        self.held.append(seconds)
+        await self.release.wait()
 
 
 class App:
@@ -68,6 +77,45 @@ async def test_a_refused_request_is_answered_early_and_the_connection_goes_on() 
         await stream.aclose()
     assert door.asked == [(b"POST", b"/v1/chat/completions"), (b"GET", b"/health")]
     assert app.seen == [("/health", b""), ("/v1/chat/completions", BODY)]
+
+
+async def test_a_refusal_back_before_its_wait_is_held_until_the_wait_is_over() -> None:
+    door, app = Door(retry_after_s=30.0), App()
+    answers: list[int] = []
+    async with serving(app, door=door) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        head, _ = await exchange(stream, conn, POST)  # the first: answered at once
+        assert (head.status_code, door.held) == (429, [])
+        told_until = trio.current_time() + 30.0
+
+        async def again() -> None:  # at once, as wrk does: before the 30 s it was told
+            head, _ = await exchange(stream, conn, POST)
+            answers.append(head.status_code)
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(again)
+            await trio.testing.wait_all_tasks_blocked()
+            assert answers == []  # held: nothing written yet
+            assert len(door.held) == 1
+            assert 29.0 < door.held[0] <= told_until - trio.current_time() + 0.5
+            door.release.set()
+        assert answers == [429]
+        await stream.aclose()
+    assert app.seen == []
+
+
+async def test_a_refusal_back_after_its_wait_is_not_held() -> None:
+    door, app = Door(retry_after_s=0.05), App()
+    async with serving(app, door=door) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        conn = h11.Connection(h11.CLIENT)
+        for _ in range(2):
+            head, _ = await exchange(stream, conn, POST)
+            assert head.status_code == 429
+            await trio.sleep(0.06)  # waits as told
+        await stream.aclose()
+    assert door.held == []
 
 
 @pytest.mark.parametrize("writes", [
