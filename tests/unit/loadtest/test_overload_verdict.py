@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from loadtest.bench.overload import verdict
+from loadtest.bench.overload import settle_capacity, verdict
 
 
 def _run(*, p99: float, scheduled: int = 1000, accepted: int = 1000, shed: int = 0,
@@ -50,3 +50,23 @@ def test_a_baseline_that_did_not_keep_up_cannot_pass(shed: int) -> None:
     assert any("did not keep up as a ladder rung must" in line for line in lines)
     assert lines[-1].startswith("FAIL")
     assert lines[-1].endswith("(False)")
+
+
+def test_when_the_1x_run_does_not_keep_up_the_next_lower_step_is_r() -> None:
+    tried: list[float] = []
+
+    def run_1x(rate: float) -> dict[str, Any]:
+        tried.append(rate)
+        return _run(p99=20.0, shed=50) if rate > 1500 else _run(p99=20.0)
+
+    capacity, base = settle_capacity([1650.0, 1480.0, 1200.0], run_1x)
+    assert (capacity, tried) == (1480.0, [1650.0, 1480.0])
+    assert base["shed"] == 0
+
+
+def test_the_lowest_step_is_kept_even_when_it_does_not_keep_up() -> None:
+    capacity, base = settle_capacity([900.0, 700.0], lambda rate: _run(p99=5.0, shed=80))
+    assert capacity == 700.0
+    assert base["shed"] == 80  # and the verdict then fails on it
+    assert verdict(base, _run(p99=6.0, scheduled=2000, shed=1000, retry_after_share=1.0),
+                   2.0)[-1].startswith("FAIL")
