@@ -160,7 +160,7 @@ class DirectSendServer(TCPServer):
         if answer is None:
             return False
         early = self._told_until - trio.current_time()
-        if early > 0:  # back before the wait it was told: answered when that is over
+        if early > 0:  # back before the wait it was told: held (workers.overload)
             await door.hold(early)
         await self.send_bytes(encode_response(answer.status, answer.headers, answer.body,
                                               self.config.response_headers("h11")))

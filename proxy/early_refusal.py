@@ -16,11 +16,11 @@ Anything else goes to hypercorn as usual, and the app's own door still applies. 
 connection that gets only early refusals is not an active one to hypercorn: its
 keep-alive timer, armed after its last served response, still runs.
 
-A request refused again on a connection before the ``retry-after`` its last refusal
-told (:attr:`Refusal.retry_after_s`) is answered when that wait is over
-(:meth:`EarlyDoor.hold`): a client that ignores the wait cannot be refused more often
-than once a wait. The connection's reading waits meanwhile, which is what its client
-does anyway, as HTTP/1.1 answers in order.
+A request refused again on a connection before the ``retry-after`` its last refusal told
+(:attr:`Refusal.retry_after_s`) is held until that wait is over, 50 ms at most
+(:meth:`EarlyDoor.hold`, ``workers.overload``): a client that ignores
+the wait cannot spin on refusals. The connection's reading waits meanwhile, which is
+what its client does anyway, as HTTP/1.1 answers in order.
 """
 
 from __future__ import annotations

@@ -41,8 +41,14 @@ the instant they are refused, as fast as they are refused: one saturated worker 
 sheds under ``wrk -c50`` served 604 to 1,355 completions a second instead of 1,930, and
 refused 3,500 to 8,400. The connection handler holds a refusal that comes back on the
 same connection before the wait it was told (:meth:`Admission.hold`, until that wait is
-over, at most ``HOLD_MAX_S``): a held refusal is a timer, not CPU. At most ``HOLD_CAP``
-are held at once (each holds a connection); past that they are answered at once.
+over or for ``HOLD_MAX_S``, whichever is sooner): a held refusal is a timer, not CPU,
+and a connection that spins on refusals is refused 20 times a second at most. Longer
+holds tie up more connections of clients that reuse a refused connection at once for
+another request (an open-loop generator's pool): held up to 0.25 s, the 2x overload
+check peaked at 1,249 to 2,000 connections and failed two runs of three (p99 ratios
+2.02 and 7.47); held up to 50 ms it peaked at 685 to 1,567 and passed three of three,
+and ``wrk -c50`` got 1,808 completions a second. At most ``HOLD_CAP`` are held at once
+(each holds a connection); past that they are answered at once.
 """
 
 from __future__ import annotations
@@ -74,7 +80,7 @@ _HOLD = 10
 # more: saturated. The lag alone also rises with bursts of work that the loop catches up.
 _SATURATED = 0.9
 _JITTER = 0.25  # +-25 %, so a burst refused together does not come back together
-HOLD_MAX_S = 0.25  # a refusal is held this long at most (WAIT_S[0])
+HOLD_MAX_S = 0.05  # a refusal is held this long at most (see the module docstring)
 HOLD_CAP = 2048  # refusals held at once; past this many they are answered at once
 
 

@@ -191,11 +191,10 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
     assert len(rows) == 1
 
 
-async def test_a_client_back_before_its_retry_after_is_answered_when_the_wait_is_over(
-    harness: Harness,
-) -> None:
+async def test_a_client_back_before_its_retry_after_is_held(harness: Harness) -> None:
     """As wrk does: the next request on the connection the instant the refusal arrives.
-    It is held (a timer, not CPU) until the wait the first refusal told is over."""
+    It is held (a timer, not CPU) until the wait the first refusal told is over, or for
+    HOLD_MAX_S if that is sooner."""
     key = (await harness.add_user())[1]
     body = b'{"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi"}]}'
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"

@@ -11,7 +11,7 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from workers.overload import HOLD_CAP, WAIT_S, Admission, busy_clock
+from workers.overload import HOLD_CAP, HOLD_MAX_S, WAIT_S, Admission, busy_clock
 
 
 def _busy(admission: Admission, n: int) -> None:
@@ -313,30 +313,30 @@ def test_the_busy_clock_runs_while_the_thread_works_and_stops_while_it_sleeps() 
     assert slept < 0.02
 
 
-async def test_a_hold_sleeps_at_most_the_shortest_wait_and_counts_while_it_does(
+async def test_a_hold_sleeps_at_most_hold_max_and_counts_while_it_does(
     autojump_clock: MockClock,
 ) -> None:
     admission = Admission(0.005)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(admission.hold, 0.1)
-        nursery.start_soon(admission.hold, 25.0)  # at most WAIT_S[0]
+        nursery.start_soon(admission.hold, HOLD_MAX_S / 2)
+        nursery.start_soon(admission.hold, 25.0)  # at most HOLD_MAX_S
         await trio.testing.wait_all_tasks_blocked()
         assert admission.held == 2
-        await trio.sleep(0.15)
+        await trio.sleep(HOLD_MAX_S * 0.75)
         assert admission.held == 1
-    assert trio.current_time() == pytest.approx(WAIT_S[0])
+    assert trio.current_time() == pytest.approx(HOLD_MAX_S)
     assert admission.held == 0
     await admission.hold(0.0)
     await admission.hold(-1.0)
-    assert trio.current_time() == pytest.approx(WAIT_S[0])  # nothing to hold: no sleep
+    assert trio.current_time() == pytest.approx(HOLD_MAX_S)  # nothing to hold: no sleep
 
 
 async def test_past_the_cap_refusals_are_not_held(autojump_clock: MockClock) -> None:
     admission = Admission(0.005)
     admission.held = HOLD_CAP
-    await admission.hold(0.5)
+    await admission.hold(HOLD_MAX_S)
     assert trio.current_time() == 0.0
     admission.held = HOLD_CAP - 1
-    await admission.hold(0.2)
-    assert trio.current_time() == pytest.approx(0.2)
+    await admission.hold(HOLD_MAX_S)
+    assert trio.current_time() == pytest.approx(HOLD_MAX_S)
     assert admission.held == HOLD_CAP - 1
