@@ -26,6 +26,7 @@ from proxy.app import build_app
 from proxy.batch_accept import install as install_batch_accept
 from proxy.direct_send import configure
 from proxy.gateway import Gateway
+from proxy.h2_schedule import install as install_h2_schedule
 from proxy.metrics_wiring import register_snapshots
 from proxy.settings import Settings
 from proxy.v1_door import V1Door
@@ -170,6 +171,7 @@ async def serve(
                     config = _hypercorn_config(settings, slot)
                     configure(config, direct_send=settings.direct_send, door=V1Door(gw))
                     install_batch_accept()
+                    install_h2_schedule()
                     binds = await http.start(_serve_http, build_app(gw), config, stop)
                     log.info("airgate listening on %s", ", ".join(binds))
                     # On an inherited socket hypercorn reports the fd, not an address.
