@@ -1,11 +1,15 @@
-"""The many-open-streams generator: one long streaming request per connection.
+"""The many-open-streams generator: one long streaming request per connection, or
+many per HTTP/2 connection.
 
 Each stream has its own connection (raw trio socket, HTTP/1.1): it starts at its slot of
 the ramp, sends the request once, reads the status line and then the chunked body to its
 end, decoding only the chunk framing and looking for ``data: [DONE]`` and in-stream
-``{"error"`` events. Open means "a 200 head arrived and the body has not ended". The
-number open is recorded at fixed ticks (wall clock from ``start_at``) so that the
-parent can add up several generator processes tick by tick.
+``{"error"`` events. With ``http2`` the streams share h2c connections
+(:mod:`loadtest.bench.h2client`), ``streams_per_connection`` each: a stream takes the
+newest connection with room or opens one, and reads its response's events. Open means "a
+200 head arrived and the body has not ended". The number open is recorded at fixed ticks
+(wall clock from ``start_at``) so that the parent can add up several generator processes
+tick by tick.
 
 Run by :mod:`loadtest.bench.streams` as ``python -m loadtest.bench.streamgen SPEC_JSON``;
 prints one JSON object. Must not import ``proxy``, ``workers`` or ``store``.
@@ -22,6 +26,7 @@ from typing import Any
 
 import trio
 
+from loadtest.bench.h2client import H2Conn
 from loadtest.bench.loadgen import parse_head
 from loadtest.bench.stats import percentile
 
@@ -45,6 +50,11 @@ class Spec:
     tick_s: float
     timeout_s: float
     connect_parallel: int
+    http2: bool = False
+    streams_per_connection: int = 100
+    path: str = "/v1/chat/completions"
+    key: str = ""
+    body: str = ""
 
 
 @dataclass
@@ -117,6 +127,23 @@ class _Progress:
         return f"{self.phase}, {time.perf_counter() - self.sent:.1f} s after sending"
 
 
+class _Markers:
+    """Looks for ``data: [DONE]`` and error events in a body read piece by piece."""
+
+    def __init__(self) -> None:
+        self._tail = b""
+        self.done = False
+        self.error = b""
+
+    def feed(self, data: bytes) -> None:
+        payload = self._tail + data
+        if not self.done and _DONE in payload:
+            self.done = True
+        if not self.error and (at := payload.find(_ERROR)) >= 0:
+            self.error = payload[at : at + 200]
+        self._tail = payload[-_TAIL:]
+
+
 async def _read_stream(stream: trio.SocketStream, request: bytes, tally: _Tally,
                        progress: _Progress) -> str:
     """Send the request and read the response to its end; the outcome (OK or why not)."""
@@ -142,33 +169,130 @@ async def _read_stream(stream: trio.SocketStream, request: bytes, tally: _Tally,
     progress.phase = "in the body"
     tally.open_now += 1
     tally.peak_open = max(tally.peak_open, tally.open_now)
+    markers = _Markers()
     try:
         body = Dechunker()
-        tail, seen_done, error = b"", False, b""
         data = rest
         while True:
-            payload = tail + body.feed(data)
-            if not seen_done and _DONE in payload:
-                seen_done = True
-            if not error and (at := payload.find(_ERROR)) >= 0:
-                error = payload[at : at + 200]
-            tail = payload[-_TAIL:]
+            markers.feed(body.feed(data))
             if body.finished:
                 break
             data = await stream.receive_some(_READ)
             progress.reads += 1
             if not data:
                 return "cut (eof before the end of the body)" + (
-                    " after [DONE]" if seen_done else "")
+                    " after [DONE]" if markers.done else "")
     finally:
         tally.open_now -= 1
-    if error:
-        tally.outcome("error event in the stream", error.decode(errors="replace"))
+    return _ended(markers, tally, sent)
+
+
+def _ended(markers: _Markers, tally: _Tally, sent: float) -> str:
+    """The outcome of a body read to its end."""
+    if markers.error:
+        tally.outcome("error event in the stream", markers.error.decode(errors="replace"))
         return ""
-    if not seen_done:
+    if not markers.done:
         return "ended without data: [DONE]"
     tally.duration_s.append(time.perf_counter() - sent)
     return OK
+
+
+async def _read_stream_h2(conn: H2Conn, spec: Spec, tally: _Tally,
+                          progress: _Progress) -> str:
+    """:func:`_read_stream` over one HTTP/2 stream."""
+    headers = [(b":method", b"POST"), (b":scheme", b"http"),
+               (b":authority", f"{spec.host}:{spec.port}".encode()),
+               (b":path", spec.path.encode()), (b"content-type", b"application/json"),
+               (b"authorization", f"Bearer {spec.key}".encode()),
+               (b"content-length", str(len(spec.body)).encode())]
+    sent = progress.sent = time.perf_counter()
+    events = await conn.request(headers, spec.body.encode())
+    progress.phase = "waiting for the head"
+    kind, value = await events.receive()
+    if kind != "head":
+        return f"{kind} before the response head ({value})"
+    if value != 200:
+        rest = b""
+        with trio.move_on_after(2):
+            async for kind, data in events:
+                if kind != "data" or len(rest) > 300:
+                    break
+                rest += data
+        tally.outcome(f"status {value}", rest[:200].decode(errors="replace"))
+        return ""
+    tally.head_s.append(time.perf_counter() - sent)
+    progress.phase = "in the body"
+    tally.open_now += 1
+    tally.peak_open = max(tally.peak_open, tally.open_now)
+    markers = _Markers()
+    try:
+        async for kind, value in events:
+            if kind == "data":
+                markers.feed(value)
+                progress.reads += 1
+            elif kind == "end":
+                break
+            else:
+                return f"cut ({kind}: {value})" + (" after [DONE]" if markers.done else "")
+        else:
+            return "cut (the stream's events ended)"
+    finally:
+        tally.open_now -= 1
+    return _ended(markers, tally, sent)
+
+
+class _H2Pool:
+    """The h2c connections of one generator process."""
+
+    def __init__(self, spec: Spec, nursery: trio.Nursery, limiter: trio.Semaphore) -> None:
+        self._spec = spec
+        self._nursery = nursery
+        self._limiter = limiter
+        self.conns: list[H2Conn] = []
+
+    async def take(self) -> H2Conn:
+        """A connection with room for one more stream (counted in), opened if need be."""
+        for conn in reversed(self.conns):
+            if conn.has_room:
+                conn.active += 1
+                return conn
+        async with self._limiter:
+            stream = await trio.open_tcp_stream(self._spec.host, self._spec.port)
+        conn = H2Conn(stream, self._spec.streams_per_connection)
+        self.conns.append(conn)
+        conn.active += 1
+        await conn.start(self._nursery)
+        return conn
+
+    async def aclose(self) -> None:
+        for conn in self.conns:
+            await conn.aclose()
+
+
+async def _one_h2(spec: Spec, tally: _Tally, index: int, pool: _H2Pool) -> None:
+    start = spec.start_at + spec.ramp_s * index / max(spec.total, 1)
+    await trio.sleep(max(0.0, start - time.time()))
+    try:
+        conn = await pool.take()
+    except OSError as exc:
+        tally.outcome("connect failed", str(exc))
+        return
+    tally.connect_s.append(time.time() - start)
+    progress = _Progress(sent=time.perf_counter())
+    try:
+        with trio.move_on_after(spec.timeout_s) as scope:
+            try:
+                what = await _read_stream_h2(conn, spec, tally, progress)
+            except (OSError, trio.BrokenResourceError) as exc:
+                cause = exc.__cause__ or exc
+                what = f"connection error ({type(cause).__name__}) {progress.phase}"
+        if scope.cancelled_caught:
+            what = f"timeout {progress.phase}"
+        if what:
+            tally.outcome(what, f"{progress.where()}, {progress.reads} body reads")
+    finally:
+        conn.active -= 1
 
 
 async def _one(spec: Spec, tally: _Tally, index: int, limiter: trio.Semaphore) -> None:
@@ -214,21 +338,29 @@ async def run(spec: Spec) -> dict[str, Any]:
     indices = range(spec.first, spec.total, spec.step)
     tally.running = len(indices)
 
-    async def one(index: int) -> None:
-        try:
-            await _one(spec, tally, index, limiter)
-        finally:
-            tally.running -= 1
+    async with trio.open_nursery() as readers:
+        pool = _H2Pool(spec, readers, limiter)
 
-    async with trio.open_nursery() as nursery:
-        for index in indices:
-            nursery.start_soon(one, index)
-        nursery.start_soon(_ticker, spec, tally)
+        async def one(index: int) -> None:
+            try:
+                if spec.http2:
+                    await _one_h2(spec, tally, index, pool)
+                else:
+                    await _one(spec, tally, index, limiter)
+            finally:
+                tally.running -= 1
+
+        async with trio.open_nursery() as nursery:
+            for index in indices:
+                nursery.start_soon(one, index)
+            nursery.start_soon(_ticker, spec, tally)
+        await pool.aclose()
+    connections = len(pool.conns) if spec.http2 else len(indices)
     usage = resource.getrusage(resource.RUSAGE_SELF)
     ms = [1000 * v for v in tally.head_s]
     connect_ms = [1000 * v for v in tally.connect_s]
     return {
-        "streams": len(indices), "start_at": spec.start_at,
+        "streams": len(indices), "connections": connections, "start_at": spec.start_at,
         "outcomes": tally.outcomes, "samples": tally.samples,
         "peak_open": tally.peak_open, "series": tally.series, "failed_at": tally.failed_at,
         "head_ms": [percentile(ms, 50), percentile(ms, 99), max(ms, default=0.0)],

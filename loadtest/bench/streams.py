@@ -11,6 +11,13 @@ mock's VmRSS and open fds and the gateway's accept queue and /metrics
 outcomes and prints one summary. Exits 1 if any stream was not completed with
 ``data: [DONE]``, the gateway exited or its peak RSS reached ``--rss-limit-mib``. Must
 not import ``proxy``, ``workers`` or ``store``.
+
+Over HTTP/1.1 every stream holds two of the gateway's sockets, its client's and its
+upstream's, so 10,000 streams need more than 20,000 open files: this machine's hard
+limit is 20,000, and raising it needs ``CAP_SYS_RESOURCE``. ``--http2`` sends the streams
+over h2c connections instead, ``--streams-per-connection`` each (hypercorn's default
+limit is 100), as clients behind an HTTP/2 proxy or with ``httpx(http2=True)`` do: the
+gateway then holds one socket per stream (upstream) and one per hundred (clients).
 """
 
 from __future__ import annotations
@@ -77,6 +84,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="generator processes (default: one per 5000 streams)")
     parser.add_argument("--rss-limit-mib", type=float, default=1024.0)
     parser.add_argument("--sample-s", type=float, default=0.5, help="RSS sampling period")
+    parser.add_argument("--http2", action="store_true",
+                        help="clients speak h2c, many streams per connection")
+    parser.add_argument("--streams-per-connection", type=int, default=100,
+                        help="with --http2 (hypercorn allows 100 by default)")
     add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=0")
     parser.add_argument("--keep-logs", action="store_true",
                         help="keep the temp dir with the gateway's and the mock's logs")
@@ -104,7 +115,8 @@ def request_body(args: argparse.Namespace) -> bytes:
 def run_generators(args: argparse.Namespace, port: int, key: str,
                    watch: Watch, workdir: Path) -> list[dict[str, Any]]:
     """Start the generator processes, sample ``watch`` until they end; their results."""
-    request = build_request("127.0.0.1", port, "/v1/chat/completions", key, request_body(args))
+    body = request_body(args)
+    request = build_request("127.0.0.1", port, "/v1/chat/completions", key, body)
     stream_s = (args.ttft_ms + args.chunk_delay_ms * max(args.chunks - 1, 0)) / 1000
     timeout_s = stream_s + args.ramp_s + 120
     start_at = time.time() + 1.5 + 0.2 * args.generators  # after the imports
@@ -116,6 +128,8 @@ def run_generators(args: argparse.Namespace, port: int, key: str,
             "ramp_s": args.ramp_s, "start_at": start_at, "tick_s": args.sample_s,
             "timeout_s": timeout_s,
             "connect_parallel": max(1, CONNECT_PARALLEL // args.generators),
+            "http2": args.http2, "streams_per_connection": args.streams_per_connection,
+            "key": key, "body": body.decode(),
         }
         out = (workdir / f"generator-{first}.json").open("w+b")  # no pipe to fill up
         procs.append((subprocess.Popen(
@@ -233,6 +247,8 @@ def report(args: argparse.Namespace, m: Measured) -> bool:
     print(f"  peak open at once   {peak_open} (200 head seen, body not ended; summed per"
           f" {args.sample_s:g} s tick; the mock saw at most {m.watch.mock_active})")
     print(f"  completed OK        {ok}  (data: [DONE] and a clean end of the body)")
+    connections = sum(r["connections"] for r in m.results)
+    print(f"  client connections  {connections} ({'HTTP/2, h2c' if args.http2 else 'HTTP/1.1'})")
     print(f"  dropped/failed      {failed}")
     for what, n in sorted(outcomes.items(), key=lambda kv: -kv[1]):
         if what != OK:
