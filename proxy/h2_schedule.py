@@ -46,8 +46,10 @@ class RoundRobin:
 
     def reprioritize(self, stream_id: int, depends_on: int | None = None,
                      weight: int = 16, exclusive: bool = False) -> None:
-        """Priorities are not followed; only a stream's existence is checked."""
-        self._known(stream_id)
+        """Priorities are not followed. A PRIORITY frame may name any stream id, opened or
+        not: hypercorn inserts an unknown one when this raises, and the tree never forgets
+        it, so unknown ids are ignored instead (a stream is inserted when its HEADERS
+        come). The tree capped such entries at 1,000; ignored, there are none."""
 
     def remove_stream(self, stream_id: int) -> None:
         self._known(stream_id)

@@ -53,7 +53,7 @@ def test_removed_streams_are_gone() -> None:
     tree.insert_stream(3)
     tree.remove_stream(1)
     assert _take(tree, 2) == [3, 3]
-    for call in (tree.block, tree.unblock, tree.remove_stream, tree.reprioritize):
+    for call in (tree.block, tree.unblock, tree.remove_stream):
         with pytest.raises(priority.MissingStreamError):
             call(1)
     tree.insert_stream(1)  # a removed id may come back (never, in HTTP/2: ids grow)
@@ -69,7 +69,21 @@ def test_a_stream_is_inserted_once() -> None:
     assert next(tree) == 1
 
 
-def test_install_gives_hypercorn_the_round_robin_tree() -> None:
+def test_priority_frames_for_unknown_streams_leave_nothing_behind() -> None:
+    """hypercorn inserts (and blocks) a stream that reprioritize says is missing: a
+    client's PRIORITY frames for ids it never opens would then pile up for good."""
+    tree = RoundRobin()
+    for stream_id in range(1, 20_001, 2):
+        tree.reprioritize(stream_id=stream_id, depends_on=None, weight=16, exclusive=False)
+    with pytest.raises(priority.DeadlockError):
+        next(tree)
+    tree.insert_stream(1)  # its HEADERS arrive: inserted as usual
+    assert next(tree) == 1
+    assert len(tree._active) == 1
+
+
+def test_install_gives_hypercorn_the_round_robin_tree(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hypercorn_h2, "priority", priority)  # undone after the test
     assert install()
     assert install()  # twice is harmless
     view = hypercorn_h2.priority
