@@ -8,7 +8,9 @@ addresses. With one socket shared, whichever worker was in ``accept`` when a bur
 connects arrived took them all (it accepts up to 64 at once, ``proxy.batch_accept``):
 ``wrk -c50`` against two workers ran on one of them, one run in two. The supervisor
 keeps the sockets open, so connections that arrive for a worker being restarted wait in
-its backlog. Without ``SO_REUSEPORT`` the workers share one socket.
+its backlog (and wait longer if it keeps failing to start: the price of the even spread).
+A port another process already listens on is refused, as a plain bind would be, rather
+than shared. Without ``SO_REUSEPORT`` the workers share one socket.
 
 Workers are ``airgate serve`` processes told their slot; each owns its share of every
 upstream key's rpm/tpm/concurrency (they add up to the key's limits), and quota leases
@@ -56,16 +58,21 @@ def listen_sockets(host: str, port: int, backlog: int, count: int) -> list[socke
     one socket shared by all where the system lacks it or ``count`` is 1."""
     if count == 1 or not hasattr(socket, "SO_REUSEPORT"):
         return [listen_socket(host, port, backlog)] * count
+    # SO_REUSEPORT would let these join another instance's group on the port, and the
+    # kernel would split the connections between the two; a plain bind fails there.
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        probe.bind((host, port))
+        port = probe.getsockname()[1]
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            family = socket.AF_INET6 if ":" in host else socket.AF_INET
             sock = socket.socket(family, socket.SOCK_STREAM)
             sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind((host, port))
-            port = sock.getsockname()[1]  # port 0: the others take the one it was given
             sock.listen(backlog)
             sock.set_inheritable(True)
     except BaseException:

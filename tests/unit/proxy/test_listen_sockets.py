@@ -5,6 +5,8 @@ from __future__ import annotations
 import select
 import socket
 
+import pytest
+
 from proxy.supervisor import listen_sockets
 
 
@@ -40,3 +42,17 @@ def test_one_worker_has_one_socket() -> None:
         assert sockets[0].getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)
     finally:
         sockets[0].close()
+
+
+def test_a_port_another_instance_listens_on_is_refused_not_shared() -> None:
+    first = listen_sockets("127.0.0.1", 0, 16, 2)
+    try:
+        port = first[0].getsockname()[1]
+        with pytest.raises(OSError, match="in use"):
+            listen_sockets("127.0.0.1", port, 16, 2)
+    finally:
+        for sock in first:
+            sock.close()
+    again = listen_sockets("127.0.0.1", port, 16, 2)  # free again: it binds
+    for sock in again:
+        sock.close()
