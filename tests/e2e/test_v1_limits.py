@@ -228,7 +228,7 @@ async def test_a_client_back_before_its_retry_after_is_held(harness: Harness) ->
         assert admission.held == 0
     finally:
         admission.limit = math.inf
-    await stream.aclose()
+        await stream.aclose()
 
 
 @pytest.mark.parametrize("shedding", [False, True], ids=["bad key", "refused at the door"])
