@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -177,15 +178,18 @@ SETTLE_WINDOW_S = 0.5
 SETTLE_MAX_S = 30.0
 
 
-def settle(pids: list[int]) -> float:
+def settle(pids: list[int],
+           ticks: Callable[[int], int | None] = read_cpu_ticks) -> float:
     """Wait until no server process is still busy with an earlier cell's work (a server
     that fell behind at concurrency 1000 goes on working after its generator is gone,
-    and would take CPU from the next target's cell). Returns the seconds waited."""
+    and would take CPU from the next target's cell). ``ticks`` reads a pid's CPU
+    (``read_tree_cpu_ticks`` for a supervisor and its workers). Returns the seconds
+    waited."""
     started = time.monotonic()
     while time.monotonic() - started < SETTLE_MAX_S:
-        before = {pid: read_cpu_ticks(pid) for pid in pids}
+        before = {pid: ticks(pid) for pid in pids}
         time.sleep(SETTLE_WINDOW_S)
-        after = {pid: read_cpu_ticks(pid) for pid in pids}
+        after = {pid: ticks(pid) for pid in pids}
         if busiest_share(before, after, SETTLE_WINDOW_S) <= SETTLE_SHARE:
             break
     return time.monotonic() - started

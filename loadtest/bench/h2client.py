@@ -48,17 +48,38 @@ class H2Conn:
         nursery.start_soon(self._read)
 
     async def request(self, headers: list[tuple[bytes, bytes]],
-                      body: bytes) -> trio.MemoryReceiveChannel[Event]:
-        """Start a request; its response's events arrive on the returned channel."""
+                      body: bytes) -> tuple[int, trio.MemoryReceiveChannel[Event]]:
+        """Start a request: its stream id, and the channel its response's events arrive
+        on. A stream the server would not take raises ``trio.BrokenResourceError``."""
         if self.closed is not None:
             raise trio.BrokenResourceError(self.closed)
-        stream_id = self._h2.get_next_available_stream_id()
-        send, receive = trio.open_memory_channel[Event](math.inf)
+        try:
+            stream_id = self._h2.get_next_available_stream_id()
+            send, receive = trio.open_memory_channel[Event](math.inf)
+            self._h2.send_headers(stream_id, headers)
+            self._h2.send_data(stream_id, body, end_stream=True)
+        except h2.exceptions.H2Error as exc:
+            raise trio.BrokenResourceError(f"h2 refused the stream: {exc!r}") from exc
         self._streams[stream_id] = send
-        self._h2.send_headers(stream_id, headers)
-        self._h2.send_data(stream_id, body, end_stream=True)
         await self._flush()
-        return receive
+        return stream_id, receive
+
+    async def cancel(self, stream_id: int) -> None:
+        """Reset a stream its reader gave up on (a timeout, an error body read in part), so
+        that it no longer counts against the server's limit or fills its channel."""
+        channel = self._streams.pop(stream_id, None)
+        if channel is None:  # it ended, or the connection did: nothing to reset
+            return
+        channel.close()
+        if self.closed is None:
+            # Shielded: a reader that timed out is in a cancelled scope.
+            with trio.CancelScope(shield=True), trio.move_on_after(5):
+                try:
+                    self._h2.reset_stream(stream_id)
+                    await self._flush()
+                except (h2.exceptions.H2Error, OSError, trio.BrokenResourceError,
+                        trio.ClosedResourceError):
+                    pass  # closed meanwhile
 
     async def _flush(self) -> None:
         async with self._send_lock:

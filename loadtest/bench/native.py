@@ -29,7 +29,8 @@ INSTALL_HINT = "install them with scripts/bench-tools (Debian: apt-get install w
 
 def require(*tools: str) -> dict[str, str]:
     """The path of each tool, or BenchSetupError naming the missing ones."""
-    found = {tool: shutil.which(tool) for tool in tools}
+    path = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])  # nginx
+    found = {tool: shutil.which(tool, path=path) for tool in tools}
     missing = [tool for tool, path in found.items() if path is None]
     if missing:
         raise BenchSetupError(f"{', '.join(missing)} not found: {INSTALL_HINT}")

@@ -269,8 +269,13 @@ def main(argv: list[str] | None = None) -> None:
                         MODEL, watch, "gateway")
         candidates = ([args.capacity_rps] if args.capacity_rps
                       else measure_capacity(target, args))
-        capacity, base = settle_capacity(
-            candidates, lambda rate: _run(target, 1.0, rate, args))
+        tried: list[float] = []
+
+        def run_1x(rate: float) -> dict[str, Any]:
+            tried.append(rate)
+            return _run(target, 1.0, rate, args)
+
+        capacity, base = settle_capacity(candidates, run_1x)
         rows = [(1.0, base), (args.factor, _run(target, args.factor, capacity, args))]
     print(f"\nopen loop, {args.arrival} arrivals, {args.duration_s:g} s measured after"
           f" {args.warmup_s:g} s warm-up; latency from each arrival's scheduled time to its last"
@@ -279,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
           " that took a second or more (SYN dropped at a full listen backlog)\n")
     print(format_rows(rows))
     print()
+    if len(tried) > 1:
+        print(f"R: the 1x run was tried at {len(tried)} steps of the ladder"
+              f" ({', '.join(f'{r:,.0f}' for r in tried)}/s); R is the first that kept up")
     print("\n".join(verdict(rows[0][1], rows[1][1], args.factor)))
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(

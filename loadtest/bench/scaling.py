@@ -145,18 +145,17 @@ def canned_answer(workdir: Path, body: bytes) -> bytes:
 def run_turn(gateway: Gateway, nginx_pid: int, script: Path,
              args: argparse.Namespace) -> Turn:
     url = f"{gateway.server.url}/v1/chat/completions"
-    duration_s: float = args.duration_s
     if args.warmup_s > 0:
         run_wrk(url, script, connections=args.concurrency, duration_s=args.warmup_s)
     gw_pid = gateway.server.pid
     gw_before, ng_before = read_tree_cpu_ticks(gw_pid), read_tree_cpu_ticks(nginx_pid)
-    result = run_wrk(url, script, connections=args.concurrency, duration_s=duration_s)
+    result = run_wrk(url, script, connections=args.concurrency, duration_s=args.duration_s)
     gw_after, ng_after = read_tree_cpu_ticks(gw_pid), read_tree_cpu_ticks(nginx_pid)
 
     def cores(before: int | None, after: int | None) -> float:
         if before is None or after is None:
             return 0.0
-        return (after - before) / _TICKS / duration_s
+        return (after - before) / _TICKS / result.duration_s  # the whole seconds wrk ran
 
     return Turn(result, cores(gw_before, gw_after), cores(ng_before, ng_after))
 
@@ -170,8 +169,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "the base of the ratios")
     parser.add_argument("--scenarios", default="nonstream,stream")
     parser.add_argument("--concurrency", type=int, default=50, help="wrk connections")
-    parser.add_argument("--duration-s", type=float, default=8.0, help="measured s per turn")
-    parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured s per turn")
+    parser.add_argument("--duration-s", type=float, default=8.0,
+                        help="measured s per turn (wrk runs whole seconds: rounded)")
+    parser.add_argument("--warmup-s", type=float, default=2.0,
+                        help="unmeasured s per turn (0: none; else rounded, at least 1)")
     parser.add_argument("--rounds", type=int, default=3, help="turns per worker count")
     parser.add_argument("--target", type=float, default=1.7,
                         help="the ratio the largest count must reach")
@@ -185,6 +186,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
             parser.error(f"--scenarios: {name!r} is not one of {', '.join(CONTENT_TYPES)}")
     if not args.worker_counts or min(args.worker_counts) < 1:
         parser.error("--workers: give counts of 1 or more")
+    if len(set(args.worker_counts)) != len(args.worker_counts):
+        parser.error("--workers: give each count once")
     return args
 
 
@@ -213,7 +216,7 @@ def run_scenario(scenario: str, workdir: Path, args: argparse.Namespace) -> bool
         servers = [nginx.pid, *(g.server.pid for g in gateways.values())]
         for number in range(1, args.rounds + 1):
             for p in pooled:
-                settle(servers)
+                settle(servers, read_tree_cpu_ticks)
                 turn = run_turn(gateways[p.workers], nginx.pid, scripts[p.workers], args)
                 p.turns.append(turn)
                 print(f"  {scenario} workers={p.workers} [{number}/{args.rounds}]: "

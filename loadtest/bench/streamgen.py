@@ -201,13 +201,22 @@ def _ended(markers: _Markers, tally: _Tally, sent: float) -> str:
 async def _read_stream_h2(conn: H2Conn, spec: Spec, tally: _Tally,
                           progress: _Progress) -> str:
     """:func:`_read_stream` over one HTTP/2 stream."""
+    body = spec.body.encode()
     headers = [(b":method", b"POST"), (b":scheme", b"http"),
                (b":authority", f"{spec.host}:{spec.port}".encode()),
                (b":path", spec.path.encode()), (b"content-type", b"application/json"),
                (b"authorization", f"Bearer {spec.key}".encode()),
-               (b"content-length", str(len(spec.body)).encode())]
+               (b"content-length", str(len(body)).encode())]
     sent = progress.sent = time.perf_counter()
-    events = await conn.request(headers, spec.body.encode())
+    stream_id, events = await conn.request(headers, body)
+    try:
+        return await _read_events(events, tally, progress, sent)
+    finally:
+        await conn.cancel(stream_id)  # a no-op once the stream ended
+
+
+async def _read_events(events: trio.MemoryReceiveChannel[tuple[str, Any]], tally: _Tally,
+                       progress: _Progress, sent: float) -> str:
     progress.phase = "waiting for the head"
     kind, value = await events.receive()
     if kind != "head":
@@ -249,21 +258,29 @@ class _H2Pool:
         self._spec = spec
         self._nursery = nursery
         self._limiter = limiter
+        self._opening = trio.Lock()
         self.conns: list[H2Conn] = []
 
     async def take(self) -> H2Conn:
-        """A connection with room for one more stream (counted in), opened if need be."""
-        for conn in reversed(self.conns):
-            if conn.has_room:
-                conn.active += 1
-                return conn
-        async with self._limiter:
-            stream = await trio.open_tcp_stream(self._spec.host, self._spec.port)
-        conn = H2Conn(stream, self._spec.streams_per_connection)
-        self.conns.append(conn)
-        conn.active += 1
-        await conn.start(self._nursery)
-        return conn
+        """A connection with room for one more stream (counted in), opened if need be.
+        One connection is opened at a time, so streams that start while it connects
+        wait for it rather than open their own."""
+        async with self._opening:
+            for conn in reversed(self.conns):
+                if conn.has_room:
+                    conn.active += 1
+                    return conn
+            async with self._limiter:
+                stream = await trio.open_tcp_stream(self._spec.host, self._spec.port)
+            conn = H2Conn(stream, self._spec.streams_per_connection)
+            try:
+                await conn.start(self._nursery)
+            except (OSError, trio.BrokenResourceError) as exc:
+                await conn.aclose()
+                raise OSError(f"h2c connection failed: {exc!r}") from exc
+            self.conns.append(conn)
+            conn.active += 1
+            return conn
 
     async def aclose(self) -> None:
         for conn in self.conns:

@@ -4,18 +4,26 @@ gateway workers, and the table and verdict come out. Needs wrk and nginx on PATH
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from loadtest.bench.native import run_wrk, start_nginx, wrk_script
+from loadtest.bench.native import require, run_wrk, start_nginx, wrk_script
+from loadtest.bench.processes import BenchSetupError
 
-pytestmark = pytest.mark.skipif(
-    shutil.which("wrk") is None or shutil.which("nginx") is None,
-    reason="wrk and nginx are not installed (scripts/bench-tools)")
+
+def _installed() -> bool:
+    try:
+        require("wrk", "nginx")
+    except BenchSetupError:
+        return False
+    return True
+
+
+pytestmark = pytest.mark.skipif(not _installed(),
+                                reason="wrk and nginx are not installed (scripts/bench-tools)")
 
 
 def test_nginx_answers_every_post_with_the_file_and_wrk_counts_it(tmp_path: Path) -> None:
