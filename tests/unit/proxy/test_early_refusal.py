@@ -105,31 +105,6 @@ async def test_a_refusal_back_before_its_wait_is_held_until_the_wait_is_over() -
     assert app.seen == []
 
 
-async def test_a_request_held_is_let_in_if_shedding_ended_meanwhile() -> None:
-    door, app = Door(retry_after_s=30.0), App()
-    async with serving(app, door=door) as port:
-        stream = await trio.open_tcp_stream("127.0.0.1", port)
-        conn = h11.Connection(h11.CLIENT)
-        head, _ = await exchange(stream, conn, POST)
-        assert head.status_code == 429
-        answers: list[tuple[int, bytes]] = []
-
-        async def again() -> None:
-            head, body = await exchange(stream, conn, POST)
-            answers.append((head.status_code, body))
-
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(again)
-            await trio.testing.wait_all_tasks_blocked()
-            assert len(door.held) == 1
-            door.on = False  # the overload ended during the hold
-            door.release.set()
-        assert answers == [(200, b"ok")]
-        await stream.aclose()
-    assert app.seen == [("/v1/chat/completions", BODY)]
-    assert len(door.asked) == 1  # the held one went to the app without asking the door
-
-
 async def test_a_refusal_back_after_its_wait_is_not_held() -> None:
     door, app = Door(retry_after_s=0.05), App()
     async with serving(app, door=door) as port:
