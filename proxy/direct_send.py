@@ -159,9 +159,10 @@ class DirectSendServer(TCPServer):
         answer = door.refusal(*request)
         if answer is None:
             return False
-        # Refused as it arrived; back before the wait it was told, it hears so later
-        # (workers.overload). Asking the door again after the hold would admit some of
-        # them 50 ms late: the 2x overload check's accepted p50 went from ~30 to ~80 ms.
+        # Refused as it arrived; back before the wait it was told, it may hear so later
+        # (AIRGATE_REFUSAL_HOLD_MS, workers.overload). Asking the door again after the
+        # hold would admit some 50 ms late: the 2x overload check's accepted p50 went
+        # from ~30 to ~80 ms.
         early = self._told_until - trio.current_time()
         if early > 0:
             await door.hold(early)

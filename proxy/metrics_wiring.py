@@ -71,7 +71,8 @@ def register_snapshots(
     add("airgate_overload_shedding", "1 while new completions are refused as overloaded",
         [], lambda: [((), 1.0 if admission.shedding else 0.0)])
     add("airgate_overload_refusals_held",
-        "Refusals held because their connection came back before the wait it was told",
+        "Refusals held because their connection came back before the wait it was told "
+        "(AIRGATE_REFUSAL_HOLD_MS)",
         [], lambda: [((), float(admission.held))])
     add("airgate_overload_retry_after_seconds",
         "Wait told to a completion refused now (before jitter): those ahead of it over "

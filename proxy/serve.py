@@ -130,7 +130,8 @@ async def serve(
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable,
                        share=(slot.index, slot.count) if slot else (0, 1))
-        admission = Admission(settings.overload_lag_ms / 1000)
+        admission = Admission(settings.overload_lag_ms / 1000,
+                              hold_max_s=settings.refusal_hold_ms / 1000)
         register_snapshots(metrics, pool, db, admission)
         worker_index = str(slot.index if slot else 0)
         metrics.snapshots.add("airgate_worker", "This process's worker index", ["index"],

@@ -55,6 +55,7 @@ class Settings:
     max_waiting_requests: int = 512  # waiting for a first upstream byte; more get 429
     listen_backlog: int = 2048  # the kernel's accept queue (capped by net.core.somaxconn)
     overload_lag_ms: float = 5.0  # sustained lag (while saturated) that shrinks admission; 0: off
+    refusal_hold_ms: float = 0.0  # hold a refusal back before its retry-after this long; 0: off
     actor_inbox_size: int = 64
     flush_interval_s: float = 1.0
     flush_batch_size: int = 500
@@ -92,6 +93,8 @@ class Settings:
         for name in ("shutdown_grace_s", "overload_lag_ms"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must not be negative")
+        if not 0 <= self.refusal_hold_ms <= 10_000:
+            problems.append("refusal_hold_ms must be within 0..10000")
         if self.log_level not in {"debug", "info", "warning", "error"}:
             problems.append("log_level must be one of debug, info, warning, error")
         if bool(self.admin_email) != bool(self.admin_password):

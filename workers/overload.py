@@ -39,16 +39,17 @@ thousand clients in a closed loop cut throughput five-fold.
 Clients that ignore ``retry-after`` (wrk, hey, a retry loop without a pause) come back
 the instant they are refused, as fast as they are refused: one saturated worker that
 sheds under ``wrk -c50`` served 604 to 1,355 completions a second instead of 1,930, and
-refused 3,500 to 8,400. The connection handler holds a refusal that comes back on the
-same connection before the wait it was told (:meth:`Admission.hold`, until that wait is
-over or for ``HOLD_MAX_S``, whichever is sooner): a held refusal is a timer, not CPU,
-and a connection that spins on refusals is refused 20 times a second at most. Longer
-holds tie up more connections of clients that reuse a refused connection at once for
-another request (an open-loop generator's pool): held up to 0.25 s, the 2x overload
-check peaked at 1,249 to 2,000 connections and failed two runs of three (p99 ratios
-2.02 and 7.47); held up to 50 ms it peaked at 685 to 1,567 and passed three of three,
-and ``wrk -c50`` got 1,808 completions a second. At most ``HOLD_CAP`` are held at once
-(each holds a connection); past that they are answered at once.
+refused 3,500 to 8,400. With ``hold_max_s`` set (``AIRGATE_REFUSAL_HOLD_MS``), the
+connection handler holds a refusal that comes back on the same connection before the
+wait it was told (:meth:`Admission.hold`, until that wait is over or for
+``hold_max_s``, whichever is sooner): a held refusal is a timer, not CPU, and such a
+client then got 1,774 to 1,897 completions a second. It is off by default: an
+open-loop generator that reuses a refused connection at once for its next arrival
+looks the same from here, and holding its refusals made it open more connections (peaks
+of up to 2,000 against 159 to 985) and failed the 2x overload check in 2 of 6 runs on
+accepted p99s of 183 and 323 ms (without it, 49 to 63 ms in 3 of 3). At most
+``HOLD_CAP`` are held at once (each holds a connection); past that they are answered at
+once.
 """
 
 from __future__ import annotations
@@ -80,7 +81,6 @@ _HOLD = 10
 # more: saturated. The lag alone also rises with bursts of work that the loop catches up.
 _SATURATED = 0.9
 _JITTER = 0.25  # +-25 %, so a burst refused together does not come back together
-HOLD_MAX_S = 0.05  # a refusal is held this long at most (see the module docstring)
 HOLD_CAP = 2048  # refusals held at once; past this many they are answered at once
 
 
@@ -91,12 +91,13 @@ class Admission:
 
     __slots__ = ("_busy_sum", "_clock", "_completed", "_rate_samples", "_refused",
                  "_sampled_at", "_since", "arriving", "busy", "completion_rate", "held",
-                 "inflight", "lag_s", "limit", "min_limit", "refusal_rate", "threshold_s",
-                 "wait_s")
+                 "hold_max_s", "inflight", "lag_s", "limit", "min_limit", "refusal_rate",
+                 "threshold_s", "wait_s")
 
-    def __init__(self, threshold_s: float, *, min_limit: int = 16,
+    def __init__(self, threshold_s: float, *, min_limit: int = 16, hold_max_s: float = 0.0,
                  clock: Callable[[], float] | None = None) -> None:
         self.threshold_s = threshold_s
+        self.hold_max_s = hold_max_s  # longest hold of a refusal back too soon; 0: none
         # Seconds the thread that runs the event loop (and calls ``run``) has been busy;
         # None: ``busy_clock`` (running or waiting for a core).
         self._clock = clock
@@ -159,13 +160,13 @@ class Admission:
         return self.wait_s * random.uniform(1 - _JITTER, 1 + _JITTER)
 
     async def hold(self, seconds: float) -> None:
-        """Hold a refusal ``seconds`` (at most ``HOLD_MAX_S``), counted in ``held``; at
-        once while ``HOLD_CAP`` are held."""
-        if seconds <= 0 or self.held >= HOLD_CAP:
+        """Hold a refusal ``seconds`` (at most ``hold_max_s``), counted in ``held``; at
+        once (no checkpoint) when holds are off or ``HOLD_CAP`` are held."""
+        if seconds <= 0 or self.hold_max_s <= 0 or self.held >= HOLD_CAP:
             return
         self.held += 1
         try:
-            await trio.sleep(min(seconds, HOLD_MAX_S))
+            await trio.sleep(min(seconds, self.hold_max_s))
         finally:
             self.held -= 1
 

@@ -18,7 +18,7 @@ from tests.e2e.conftest import (
     start_gateway,
 )
 from tests.http1 import connect, exchange
-from workers.overload import HOLD_MAX_S, WAIT_S
+from workers.overload import WAIT_S
 
 CHAT = [{"role": "user", "content": "hello"}]
 
@@ -191,10 +191,15 @@ async def test_a_whole_request_refused_early_gets_the_same_answer(harness: Harne
     assert len(rows) == 1
 
 
-async def test_a_client_back_before_its_retry_after_is_held(harness: Harness) -> None:
+@pytest.mark.parametrize("hold_ms", [0, 50], ids=["off (default)", "50 ms"])
+async def test_a_client_back_before_its_retry_after_is_held_when_holds_are_on(
+    nursery: trio.Nursery, pg_dsn: str, mock_url: str, hold_ms: int,
+) -> None:
     """As wrk does: the next request on the connection the instant the refusal arrives.
-    It is held (a timer, not CPU) until the wait the first refusal told is over, or for
-    HOLD_MAX_S if that is sooner."""
+    With AIRGATE_REFUSAL_HOLD_MS it is held (a timer, not CPU) until the wait the first
+    refusal told is over, or that long if sooner; by default it is answered at once."""
+    harness, done = await start_gateway(
+        nursery, gateway_settings(pg_dsn, refusal_hold_ms=hold_ms), mock_url)
     key = (await harness.add_user())[1]
     body = b'{"model": "deepseek-v4-flash", "messages": [{"role": "user", "content": "hi"}]}'
     request = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\n"
@@ -215,20 +220,28 @@ async def test_a_client_back_before_its_retry_after_is_held(harness: Harness) ->
             while not held:
                 if admission.held:
                     held.append(admission.held)
-                await trio.sleep(0.01)
+                await trio.sleep(0.005)
 
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(watch)
+        async with trio.open_nursery() as watching:
+            watching.start_soon(watch)
             head, data = await exchange(stream, conn, request)
-            nursery.cancel_scope.cancel()
+            watching.cancel_scope.cancel()
+        took = trio.current_time() - answered
         assert head.status_code == 429
         assert orjson.loads(data)["error"]["code"] == "gateway_overloaded"
-        assert held == [1]
-        assert trio.current_time() - answered >= min(told_s, HOLD_MAX_S) - 0.02
+        if hold_ms:
+            assert held == [1]
+            assert took >= min(told_s, hold_ms / 1000) - 0.02
+        else:
+            assert held == []
+            assert took < min(told_s, 0.1)  # answered at once
         assert admission.held == 0
     finally:
         admission.limit = math.inf
         await stream.aclose()
+        harness.stop.set()
+    with trio.fail_after(20):
+        await done.wait()
 
 
 @pytest.mark.parametrize("shedding", [False, True], ids=["bad key", "refused at the door"])

@@ -35,6 +35,8 @@ def test_defaults_env_file_and_flags_in_order_of_precedence(tmp_path: Path) -> N
         ({"AIRGATE_DATABASE_URL": "mysql://x"}, "postgresql://"),
         ({"AIRGATE_LOG_LEVEL": "loud"}, "log_level"),
         ({"AIRGATE_ACCESS_LOG": "maybe"}, "access_log: cannot read"),
+        ({"AIRGATE_REFUSAL_HOLD_MS": "-1"}, "refusal_hold_ms must be within"),
+        ({"AIRGATE_REFUSAL_HOLD_MS": "60000"}, "refusal_hold_ms must be within"),
     ],
 )
 def test_bad_values_are_refused_with_a_clear_message(

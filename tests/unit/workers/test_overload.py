@@ -11,7 +11,9 @@ import trio
 import trio.testing
 from trio.testing import MockClock
 
-from workers.overload import HOLD_CAP, HOLD_MAX_S, WAIT_S, Admission, busy_clock
+from workers.overload import HOLD_CAP, WAIT_S, Admission, busy_clock
+
+HOLD_MAX_S = 0.05
 
 
 def _busy(admission: Admission, n: int) -> None:
@@ -316,7 +318,7 @@ def test_the_busy_clock_runs_while_the_thread_works_and_stops_while_it_sleeps() 
 async def test_a_hold_sleeps_at_most_hold_max_and_counts_while_it_does(
     autojump_clock: MockClock,
 ) -> None:
-    admission = Admission(0.005)
+    admission = Admission(0.005, hold_max_s=HOLD_MAX_S)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(admission.hold, HOLD_MAX_S / 2)
         nursery.start_soon(admission.hold, 25.0)  # at most HOLD_MAX_S
@@ -332,7 +334,7 @@ async def test_a_hold_sleeps_at_most_hold_max_and_counts_while_it_does(
 
 
 async def test_past_the_cap_refusals_are_not_held(autojump_clock: MockClock) -> None:
-    admission = Admission(0.005)
+    admission = Admission(0.005, hold_max_s=HOLD_MAX_S)
     admission.held = HOLD_CAP
     await admission.hold(HOLD_MAX_S)
     assert trio.current_time() == 0.0
@@ -340,3 +342,11 @@ async def test_past_the_cap_refusals_are_not_held(autojump_clock: MockClock) -> 
     await admission.hold(HOLD_MAX_S)
     assert trio.current_time() == pytest.approx(HOLD_MAX_S)
     assert admission.held == HOLD_CAP - 1
+
+
+async def test_holds_are_off_by_default(autojump_clock: MockClock) -> None:
+    admission = Admission(0.005)
+    with trio.testing.assert_no_checkpoints():
+        await admission.hold(0.3)
+    assert trio.current_time() == 0.0
+    assert admission.held == 0
