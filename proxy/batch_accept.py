@@ -23,6 +23,8 @@ from typing import Any
 import trio
 from hypercorn.trio import run as hypercorn_run
 
+from proxy.module_view import install_view
+
 BATCH = 64  # connections taken in one pass at most
 
 
@@ -75,10 +77,4 @@ class _TrioForHypercorn(types.ModuleType):
 def install() -> bool:
     """Make hypercorn's trio worker accept in batches; False (nothing changed) when the
     installed hypercorn is not laid out as expected."""
-    current = getattr(hypercorn_run, "trio", None)
-    if isinstance(current, _TrioForHypercorn):
-        return True
-    if current is not trio:
-        return False
-    setattr(hypercorn_run, "trio", _TrioForHypercorn("trio"))  # noqa: B010
-    return True
+    return install_view(hypercorn_run, "trio", trio, _TrioForHypercorn)

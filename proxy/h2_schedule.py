@@ -25,6 +25,8 @@ import priority
 from hypercorn.protocol import h2 as hypercorn_h2
 from priority.priority import DeadlockError, DuplicateStreamError, MissingStreamError
 
+from proxy.module_view import install_view
+
 
 class RoundRobin:
     """The part of ``priority.PriorityTree`` hypercorn uses, scheduling in turn."""
@@ -101,10 +103,4 @@ class _PriorityForHypercorn(types.ModuleType):
 def install() -> bool:
     """Make hypercorn's HTTP/2 connections schedule streams in turn; False (nothing
     changed) when the installed hypercorn is not laid out as expected."""
-    current = getattr(hypercorn_h2, "priority", None)
-    if isinstance(current, _PriorityForHypercorn):
-        return True
-    if current is not priority:
-        return False
-    setattr(hypercorn_h2, "priority", _PriorityForHypercorn("priority"))  # noqa: B010
-    return True
+    return install_view(hypercorn_h2, "priority", priority, _PriorityForHypercorn)

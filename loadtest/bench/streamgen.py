@@ -21,8 +21,9 @@ import json
 import resource
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -30,6 +31,7 @@ from loadtest.bench.h2client import H2Conn
 from loadtest.bench.loadgen import parse_head
 from loadtest.bench.stats import percentile
 
+T = TypeVar("T")
 _READ = 65536
 _DONE = b"data: [DONE]"
 _ERROR = b'data: {"error"'
@@ -165,11 +167,7 @@ async def _read_stream(stream: trio.SocketStream, request: bytes, tally: _Tally,
                 rest += data
         tally.outcome(f"status {status}", rest[:200].decode(errors="replace"))
         return ""
-    tally.head_s.append(time.perf_counter() - sent)
-    progress.phase = "in the body"
-    tally.open_now += 1
-    tally.peak_open = max(tally.peak_open, tally.open_now)
-    markers = _Markers()
+    markers = _opened(tally, progress, sent)
     try:
         body = Dechunker()
         data = rest
@@ -185,6 +183,16 @@ async def _read_stream(stream: trio.SocketStream, request: bytes, tally: _Tally,
     finally:
         tally.open_now -= 1
     return _ended(markers, tally, sent)
+
+
+def _opened(tally: _Tally, progress: _Progress, sent: float) -> _Markers:
+    """A 200 head arrived: the stream counts as open until its body ends; the markers
+    its body is read into."""
+    tally.head_s.append(time.perf_counter() - sent)
+    progress.phase = "in the body"
+    tally.open_now += 1
+    tally.peak_open = max(tally.peak_open, tally.open_now)
+    return _Markers()
 
 
 def _ended(markers: _Markers, tally: _Tally, sent: float) -> str:
@@ -230,11 +238,7 @@ async def _read_events(events: trio.MemoryReceiveChannel[tuple[str, Any]], tally
                 rest += data
         tally.outcome(f"status {value}", rest[:200].decode(errors="replace"))
         return ""
-    tally.head_s.append(time.perf_counter() - sent)
-    progress.phase = "in the body"
-    tally.open_now += 1
-    tally.peak_open = max(tally.peak_open, tally.open_now)
-    markers = _Markers()
+    markers = _opened(tally, progress, sent)
     try:
         async for kind, value in events:
             if kind == "data":
@@ -287,55 +291,61 @@ class _H2Pool:
             await conn.aclose()
 
 
-async def _one_h2(spec: Spec, tally: _Tally, index: int, pool: _H2Pool) -> None:
+async def _connected(spec: Spec, tally: _Tally, index: int,
+                     connect: Callable[[], Awaitable[T]]) -> T | None:
+    """At stream ``index``'s slot of the ramp, ``connect``; None (and the failure
+    recorded) if that fails."""
     start = spec.start_at + spec.ramp_s * index / max(spec.total, 1)
     await trio.sleep(max(0.0, start - time.time()))
     try:
-        conn = await pool.take()
+        conn = await connect()
     except OSError as exc:
         tally.outcome("connect failed", str(exc))
-        return
+        return None
     tally.connect_s.append(time.time() - start)
+    return conn
+
+
+async def _attempt(spec: Spec, tally: _Tally,
+                   read: Callable[[_Progress], Awaitable[str]]) -> None:
+    """Run one stream's ``read`` within the timeout and record why it failed, if it did."""
     progress = _Progress(sent=time.perf_counter())
+    with trio.move_on_after(spec.timeout_s) as scope:
+        try:
+            what = await read(progress)
+        except (OSError, trio.BrokenResourceError) as exc:
+            cause = exc.__cause__ or exc
+            what = f"connection error ({type(cause).__name__}) {progress.phase}"
+        except ValueError as exc:
+            what = f"bad framing ({exc})"
+    if scope.cancelled_caught:
+        what = f"timeout {progress.phase}"
+    if what:
+        tally.outcome(what, f"{progress.where()}, {progress.reads} body reads")
+
+
+async def _one_h2(spec: Spec, tally: _Tally, index: int, pool: _H2Pool) -> None:
+    conn = await _connected(spec, tally, index, pool.take)
+    if conn is None:
+        return
     try:
-        with trio.move_on_after(spec.timeout_s) as scope:
-            try:
-                what = await _read_stream_h2(conn, spec, tally, progress)
-            except (OSError, trio.BrokenResourceError) as exc:
-                cause = exc.__cause__ or exc
-                what = f"connection error ({type(cause).__name__}) {progress.phase}"
-        if scope.cancelled_caught:
-            what = f"timeout {progress.phase}"
-        if what:
-            tally.outcome(what, f"{progress.where()}, {progress.reads} body reads")
+        await _attempt(spec, tally,
+                       lambda progress: _read_stream_h2(conn, spec, tally, progress))
     finally:
         conn.active -= 1
 
 
 async def _one(spec: Spec, tally: _Tally, index: int, limiter: trio.Semaphore) -> None:
-    start = spec.start_at + spec.ramp_s * index / max(spec.total, 1)
-    await trio.sleep(max(0.0, start - time.time()))
-    try:
+    async def connect() -> trio.SocketStream:
         async with limiter:
-            stream = await trio.open_tcp_stream(spec.host, spec.port)
-    except OSError as exc:
-        tally.outcome("connect failed", str(exc))
+            return await trio.open_tcp_stream(spec.host, spec.port)
+
+    stream = await _connected(spec, tally, index, connect)
+    if stream is None:
         return
-    tally.connect_s.append(time.time() - start)
-    progress = _Progress(sent=time.perf_counter())
     try:
-        with trio.move_on_after(spec.timeout_s) as scope:
-            try:
-                what = await _read_stream(stream, spec.request, tally, progress)
-            except (OSError, trio.BrokenResourceError) as exc:
-                cause = exc.__cause__ or exc
-                what = f"connection error ({type(cause).__name__}) {progress.phase}"
-            except ValueError as exc:
-                what = f"bad framing ({exc})"
-        if scope.cancelled_caught:
-            what = f"timeout {progress.phase}"
-        if what:
-            tally.outcome(what, f"{progress.where()}, {progress.reads} body reads")
+        await _attempt(spec, tally,
+                       lambda progress: _read_stream(stream, spec.request, tally, progress))
     finally:
         await stream.aclose()
 
