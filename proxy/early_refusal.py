@@ -17,10 +17,11 @@ connection that gets only early refusals is not an active one to hypercorn: its
 keep-alive timer, armed after its last served response, still runs.
 
 A request refused again on a connection before the ``retry-after`` its last refusal told
-(:attr:`Refusal.retry_after_s`) is held until that wait is over, 50 ms at most
-(:meth:`EarlyDoor.hold`, ``workers.overload``): a client that ignores
-the wait cannot spin on refusals. The connection's reading waits meanwhile, which is
-what its client does anyway, as HTTP/1.1 answers in order.
+(:attr:`Refusal.retry_after_s`) may be held before its answer (:meth:`EarlyDoor.hold`;
+the gateway's holds are off unless ``AIRGATE_REFUSAL_HOLD_MS`` is set, see
+``workers.overload``), so that a client that ignores the wait cannot spin on refusals.
+The connection's reading waits meanwhile, which is what its client does anyway, as
+HTTP/1.1 answers in order.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ WAIT_S = (0.25, 10.0)  # the bounds of the wait a refused client is told
 # The limit moves at most once per this many samples (the average's window): the effect
 # of one move shows in the lag before the next (moving every sample overshot, down to a
 # limit that left the CPU idle while refused clients waited).
-_HOLD = 10
+_WINDOW = 10
 # The event loop's thread running or waiting for a core for this share of a window or
 # more: saturated. The lag alone also rises with bursts of work that the loop catches up.
 _SATURATED = 0.9
@@ -211,7 +211,7 @@ class Admission:
         self.lag_s += _SMOOTHING * (lag_s - self.lag_s)
         self._busy_sum += busy
         self._since += 1
-        if self._since < _HOLD:
+        if self._since < _WINDOW:
             return
         self.busy = self._busy_sum / self._since
         self._since = 0
