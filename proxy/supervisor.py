@@ -42,14 +42,25 @@ log = logging.getLogger("airgate.supervisor")
 _RESTART_PAUSE_S = 1.0
 
 
-def listen_socket(host: str, port: int, backlog: int) -> socket.socket:
-    """A listening TCP socket the worker processes can inherit."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(backlog)
-    sock.set_inheritable(True)
+def _family(host: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def listen_socket(host: str, port: int, backlog: int, *,
+                  reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket the worker processes can inherit (``reuse_port``: one of a
+    ``SO_REUSEPORT`` group on the port)."""
+    sock = socket.socket(_family(host), socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        sock.bind((host, port))
+        sock.listen(backlog)
+        sock.set_inheritable(True)
+    except BaseException:
+        sock.close()
+        raise
     return sock
 
 
@@ -60,21 +71,14 @@ def listen_sockets(host: str, port: int, backlog: int, count: int) -> list[socke
         return [listen_socket(host, port, backlog)] * count
     # SO_REUSEPORT would let these join another instance's group on the port, and the
     # kernel would split the connections between the two; a plain bind fails there.
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as probe:
+    with socket.socket(_family(host), socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind((host, port))
         port = probe.getsockname()[1]
     sockets: list[socket.socket] = []
     try:
         for _ in range(count):
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            sockets.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind((host, port))
-            sock.listen(backlog)
-            sock.set_inheritable(True)
+            sockets.append(listen_socket(host, port, backlog, reuse_port=True))
     except BaseException:
         for sock in sockets:
             sock.close()
