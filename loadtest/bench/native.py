@@ -1,7 +1,7 @@
 """Native load tools for figures the Python ones would distort: nginx as an upstream that
 answers every request with the same bytes, and wrk as the load generator.
 
-Owns :func:`nginx_conf`, :class:`Nginx`, :func:`wrk_script`, :func:`run_wrk` and
+Owns :func:`nginx_conf`, :func:`start_nginx`, :func:`wrk_script`, :func:`run_wrk` and
 :func:`parse_wrk`. On two cores the Python mock and generator take ~0.8 of a core at
 the rates one gateway worker serves, which leaves a second worker nothing to run on;
 nginx and wrk take a few hundredths of one (``loadtest.bench.scaling`` prints what they
@@ -15,14 +15,11 @@ import os
 import re
 import resource
 import shutil
-import socket
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
 
-from loadtest.bench.processes import BenchSetupError, free_port
+from loadtest.bench.processes import BenchSetupError, Server, free_port, launch
 
 INSTALL_HINT = "install them with scripts/bench-tools (Debian: apt-get install wrk nginx-light)"
 
@@ -62,31 +59,7 @@ def nginx_conf(workdir: Path, port: int, content_type: str) -> str:
     )
 
 
-@dataclass
-class Nginx:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: IO[bytes]
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def pid(self) -> int:
-        return self.proc.pid
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        self.log.close()
-
-
-def start_nginx(workdir: Path, body: bytes, content_type: str) -> Nginx:
+def start_nginx(workdir: Path, body: bytes, content_type: str) -> Server:
     """nginx (from PATH) in the foreground answering with ``body``; waits until it listens."""
     nginx = require("nginx")["nginx"]
     workdir.mkdir(parents=True, exist_ok=True)
@@ -94,20 +67,8 @@ def start_nginx(workdir: Path, body: bytes, content_type: str) -> Nginx:
     (workdir / "answer").write_bytes(body)
     conf = workdir / "nginx.conf"
     conf.write_text(nginx_conf(workdir, port, content_type))
-    log = (workdir / "nginx.log").open("wb")
-    proc = subprocess.Popen([nginx, "-c", str(conf), "-p", str(workdir)], stdout=log,
-                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = Nginx(proc, port, log)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=1).close()
-            return server
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                server.stop()
-                raise BenchSetupError(f"nginx did not start; see {workdir}") from None
-            time.sleep(0.05)
+    return launch("nginx", [nginx, "-c", str(conf), "-p", str(workdir)], port, workdir,
+                  timeout_s=10)
 
 
 def _lua_string(text: str) -> str:

@@ -98,11 +98,18 @@ class Server:
 
 def start_server(name: str, argv: list[str], port: int, workdir: Path,
                  env: dict[str, str] | None = None, timeout_s: float = 30) -> Server:
+    """``python argv`` (this interpreter), once it listens on ``port``."""
+    return launch(name, [sys.executable, *argv], port, workdir, env, timeout_s)
+
+
+def launch(name: str, command: list[str], port: int, workdir: Path,
+           env: dict[str, str] | None = None, timeout_s: float = 30) -> Server:
+    """``command``, its output in ``workdir/name.log``, once it listens on ``port``."""
     log = workdir / f"{name}.log"
     log_file = log.open("wb")
     proc = subprocess.Popen(
-        [sys.executable, *argv], stdout=log_file, stderr=subprocess.STDOUT,
-        stdin=subprocess.DEVNULL, env=env,
+        command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        env=env,
     )
     server = Server(name, proc, port, log, log_file)
     try:

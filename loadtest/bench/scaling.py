@@ -41,7 +41,7 @@ from loadtest.bench.processes import (
     start_gateway,
     start_mock,
 )
-from loadtest.bench.stats import read_tree_cpu_ticks
+from loadtest.bench.stats import CLOCK_TICKS, read_tree_cpu_ticks
 
 CONTENT_TYPES = {"nonstream": "application/json", "stream": "text/event-stream"}
 # Capacity, not shedding: wrk's connections come back the instant they are refused, and a
@@ -49,7 +49,6 @@ CONTENT_TYPES = {"nonstream": "application/json", "stream": "text/event-stream"}
 # completions and 2,361 refusals a second), which would inflate the ratio. --set
 # AIRGATE_OVERLOAD_LAG_MS=5 measures with the default shedding.
 DEFAULT_SETTINGS = {"AIRGATE_OVERLOAD_LAG_MS": "0"}
-_TICKS = 100  # /proc's clock ticks a second (USER_HZ)
 
 
 @dataclass
@@ -66,9 +65,8 @@ class Pooled:
     workers: int
     turns: list[Turn] = field(default_factory=list)
 
-    def _sum(self, status: int | None = None) -> int:
-        return sum(t.wrk.statuses.get(status, 0) if status is not None else t.wrk.other
-                   for t in self.turns)
+    def _count(self, status: int) -> int:
+        return sum(t.wrk.statuses.get(status, 0) for t in self.turns)
 
     @property
     def seconds(self) -> float:
@@ -76,15 +74,16 @@ class Pooled:
 
     @property
     def completions_per_s(self) -> float:
-        return self._sum(200) / self.seconds if self.turns else 0.0
+        return self._count(200) / self.seconds if self.turns else 0.0
 
     @property
     def refused_per_s(self) -> float:
-        return self._sum(429) / self.seconds if self.turns else 0.0
+        return self._count(429) / self.seconds if self.turns else 0.0
 
     @property
     def other(self) -> int:
-        return self._sum(None)
+        """Answers neither 200 nor 429, and socket errors."""
+        return sum(t.wrk.other for t in self.turns)
 
     def mean(self, figure: Callable[[Turn], float]) -> float:
         values = [figure(t) for t in self.turns]
@@ -155,7 +154,7 @@ def run_turn(gateway: Gateway, nginx_pid: int, script: Path,
     def cores(before: int | None, after: int | None) -> float:
         if before is None or after is None:
             return 0.0
-        return (after - before) / _TICKS / result.duration_s  # the whole seconds wrk ran
+        return (after - before) / CLOCK_TICKS / result.duration_s  # the whole seconds wrk ran
 
     return Turn(result, cores(gw_before, gw_after), cores(ng_before, ng_after))
 
