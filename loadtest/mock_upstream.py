@@ -253,9 +253,13 @@ class MockUpstream:
             async def pump() -> None:
                 nonlocal delivered
                 await send(_SSE_START)
+                # Each event is due at a fixed time from the start, as a model emits
+                # tokens: a late send does not push the later ones back.
+                due = trio.current_time()
                 for delay_s, parts in segments:
                     if delay_s > 0:
-                        await trio.sleep(delay_s)
+                        due += delay_s
+                        await trio.sleep_until(due)
                     body = b"".join(parts)
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 delivered = True

@@ -13,7 +13,7 @@ import orjson
 import pytest
 import trio
 
-from loadtest.mock_upstream import MockConfig, run_mock_upstream
+from loadtest.mock_upstream import MockConfig, MockUpstream, run_mock_upstream
 
 CHUNKS = 5
 AUTH = {"Authorization": "Bearer sk-test"}
@@ -428,3 +428,34 @@ async def test_stats_count_requests_per_key_and_reset(client: httpx.AsyncClient)
 def test_config_rejects_negative_values() -> None:
     with pytest.raises(ValueError, match="chunk_count"):
         MockConfig(chunk_count=-1)
+
+
+async def test_stream_keeps_its_schedule_when_a_send_is_late(autojump_clock: Any) -> None:
+    """Each event is due at ttft + i * delay from the start: a send that takes 25 ms makes
+    the next events late but does not push the rest of the stream back."""
+    app = MockUpstream(MockConfig())
+    body = orjson.dumps({**CHAT, "stream": True,
+                         "mock": {"chunks": 6, "ttft_ms": 50, "chunk_delay_ms": 10}})
+    start = trio.current_time()
+    sent: list[float] = []
+    received = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal received
+        if not received:
+            received = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await trio.sleep_forever()
+        raise AssertionError
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message.get("body"):
+            sent.append(round((trio.current_time() - start) * 1000))
+            if len(sent) == 3:
+                await trio.sleep(0.025)  # a slow write
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
+             "headers": [(b"authorization", b"Bearer sk-test")]}
+    await app(scope, receive, send)
+    # role at 0; pieces due at 50, 60, ..., 100; the third write ends at 85 ms.
+    assert sent == [0, 50, 60, 85, 85, 90, 100]
