@@ -24,9 +24,11 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from loadtest.bench.native_mock import build, chat_plans, start_native_mock
 from loadtest.bench.processes import (
     MODEL,
     UPSTREAM_KEY,
+    Server,
     add_settings_option,
     reachable_tmp_dir,
     start_gateway,
@@ -104,6 +106,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--compare-pid", type=int, help="pid of that proxy, for its CPU/RSS")
     parser.add_argument("--mock-port", type=int, help="fixed mock port (to point --compare-url's"
                         " proxy at it); default: a free port")
+    parser.add_argument("--mock", choices=("native", "python"), default="native",
+                        help="the upstream: the Python mock's answers replayed by a small C"
+                        " server (default; the Python mock when no C compiler is found), or"
+                        " the Python mock itself")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized smoke run: concurrency 1,10, 1 s cells")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
@@ -112,8 +118,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1,
                         help="measure each cell N times, the targets taking turns, and pool"
                         " the samples (steadier percentiles on a noisy machine)")
+    parser.add_argument("--ramp-share", type=float, default=0.5,
+                        help="clients start spread over this share of the warm-up, as users"
+                        " arrive (0: all at once, which keeps timed streams in step)")
     add_settings_option(parser, "AIRGATE_OVERLOAD_LAG_MS=0")
     args = parser.parse_args(argv)
+    if not 0 <= args.ramp_share <= 1:
+        parser.error("--ramp-share must be between 0 and 1")
     if args.quick:
         args.concurrency, args.duration_s, args.warmup_s = "1,10", 1.0, 0.3
     try:
@@ -142,6 +153,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
         "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": keep_samples,
+        "ramp_s": args.warmup_s * args.ramp_share,
         "rss_pid": (target.watch.get(target.serving)
                     or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
@@ -245,15 +257,24 @@ def _compare_target(args: argparse.Namespace) -> Target:
                   "compare" if args.compare_pid else None)
 
 
+def _start_mock(workdir: Path, args: argparse.Namespace) -> Server:
+    """The native mock when it can be built (and was not declined), else the Python one."""
+    binary = build(workdir) if args.mock == "native" else None
+    if binary is None:
+        return start_mock(workdir, args.mock_port)
+    plans = chat_plans(SCENARIOS, lambda name: request_body(name, MODEL))
+    return start_native_mock(binary, workdir, plans, args.mock_port)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = reachable_tmp_dir("airgate-bench-")
     cells: list[Cell] = []
     started = time.monotonic()
     with ExitStack() as stack:
-        mock = start_mock(workdir, args.mock_port)
+        mock = _start_mock(workdir, args)
         stack.callback(mock.stop)
-        print(f"mock upstream  {mock.url}/v1  (pid {mock.pid})", flush=True)
+        print(f"mock upstream  {mock.url}/v1  (pid {mock.pid}, {mock.name})", flush=True)
         targets: list[Target] = []
         for name in args.targets:
             if name == "direct":

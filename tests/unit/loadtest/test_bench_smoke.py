@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
+import pytest
 
-def test_quick_benchmark_prints_rows_without_errors() -> None:
+
+@pytest.mark.parametrize("mock", ["native", "python"])
+def test_quick_benchmark_prints_rows_without_errors(mock: str) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", "--targets", "direct,relay",
-         "--scenarios", "nonstream"],
+         "--scenarios", "nonstream", "--mock", mock],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -22,6 +26,8 @@ def test_quick_benchmark_prints_rows_without_errors() -> None:
         assert row[17] == "0", row  # errors
         assert row[18] == "0", row  # shed
     assert "some cells had errors" not in done.stdout
+    served_by = "native-mock" if mock == "native" and shutil.which("cc") else "mock"
+    assert f", {served_by})" in done.stdout.splitlines()[0]
 
 
 def test_rounds_alternate_targets_and_pool_into_one_row_each() -> None:
