@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import resource
 import sys
 import time
@@ -62,6 +63,9 @@ class Spec:
     honour_retry_after: bool = True
     # Also print every measured latency and TTFB (ms), so that rounds can be pooled.
     keep_samples: bool = False
+    # Clients start at random over this many seconds, as users arrive, instead of all
+    # at once (which keeps timed streams in step for the whole run).
+    ramp_s: float = 0.0
 
 
 @dataclass
@@ -225,6 +229,10 @@ async def _worker(
     if tally.connected == spec.concurrency:
         connected.set()
     await go.wait()
+    if spec.ramp_s > 0:
+        # At random, not evenly: even steps of 10 ms would start every stream of a
+        # 10-ms-apart scenario in step.
+        await trio.sleep(spec.ramp_s * random.Random(ident).random())
     fresh = True
     while True:
         if stream is None:
