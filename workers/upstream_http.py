@@ -28,12 +28,15 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 class Connection:
     """A connected stream (plain or TLS) and the bytes read past the last response."""
 
-    __slots__ = ("buffer", "origin", "stream")
+    __slots__ = ("_drained", "buffer", "origin", "stream")
 
     def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream) -> None:
         self.origin = origin
         self.stream = stream
         self.buffer = bytearray()
+        # The last read took all there was: the next waits for more before reading.
+        # (A response never follows its request at once, so a new connection starts so.)
+        self._drained = True
 
     async def write(self, data: bytes) -> None:
         """Send ``data``; on a plain socket, straight into it when it takes it all (no
@@ -53,11 +56,38 @@ class Connection:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
 
     async def read(self) -> bytes:
+        stream = self.stream
         try:
-            data = await self.stream.receive_some(_READ)
+            if type(stream) is trio.SocketStream:
+                return await self._receive(stream.socket)
+            data = await stream.receive_some(_READ)
         except _BROKEN as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         return data if type(data) is bytes else bytes(data)
+
+    async def _receive(self, sock: trio.socket.SocketType) -> bytes:
+        """Read a plain socket with one system call per arrival where trio's
+        ``receive_some`` makes two (a read that finds nothing, then the one after the
+        wait) through several wrappers: when the last read emptied the socket, wait for
+        it first. A read that did not wait yields once, as trio's would, so that a
+        fast upstream cannot keep the loop to itself."""
+        waited = False
+        if self._drained:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
+        while True:
+            try:
+                # fileno() is -1 once the socket is closed: EBADF, never someone else's fd.
+                data = os.read(sock.fileno(), _READ)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+                continue
+            break
+        self._drained = len(data) < _READ
+        if not waited:
+            await trio.lowlevel.checkpoint()
+        return data
 
     def dropped(self) -> bool:
         """Whether an idle connection was closed by the server (or sent something
