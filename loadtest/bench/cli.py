@@ -24,7 +24,8 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from loadtest.bench.native_mock import build, chat_plans, start_native_mock
+from loadtest.bench.native_gen import SOURCE as NATIVE_GEN
+from loadtest.bench.native_mock import build, chat_plans, compile_c, start_native_mock
 from loadtest.bench.processes import (
     MODEL,
     UPSTREAM_KEY,
@@ -110,6 +111,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the upstream: the Python mock's answers replayed by a small C"
                         " server (default; the Python mock when no C compiler is found), or"
                         " the Python mock itself")
+    parser.add_argument("--gen", choices=("native", "python"), default="native",
+                        help="the load generator: the closed loop in C (default; the Python"
+                        " one when no C compiler is found), or in Python")
     parser.add_argument("--quick", action="store_true",
                         help="CI-sized smoke run: concurrency 1,10, 1 s cells")
     parser.add_argument("--json", dest="json_out", help="also write the results here")
@@ -153,7 +157,7 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
         "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": keep_samples,
-        "ramp_s": args.warmup_s * args.ramp_share,
+        "ramp_s": args.warmup_s * args.ramp_share, "native_gen": getattr(args, "native_gen", None),
         "rss_pid": (target.watch.get(target.serving)
                     or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
@@ -272,6 +276,11 @@ def main(argv: list[str] | None = None) -> None:
     cells: list[Cell] = []
     started = time.monotonic()
     with ExitStack() as stack:
+        args.native_gen = None
+        if args.gen == "native":
+            binary = compile_c(NATIVE_GEN, workdir)
+            args.native_gen = str(binary) if binary else None
+        print(f"load generator: {'native' if args.native_gen else 'python'}", flush=True)
         mock = _start_mock(workdir, args)
         stack.callback(mock.stop)
         print(f"mock upstream  {mock.url}/v1  (pid {mock.pid}, {mock.name})", flush=True)

@@ -66,6 +66,8 @@ class Spec:
     # Clients start at random over this many seconds, as users arrive, instead of all
     # at once (which keeps timed streams in step for the whole run).
     ramp_s: float = 0.0
+    # The native generator's binary (loadtest/bench/native_gen.py) to run instead.
+    native_gen: str | None = None
 
 
 @dataclass
@@ -356,7 +358,13 @@ async def run_load(spec: Spec) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     raw = json.loads((argv if argv is not None else sys.argv[1:])[0])
     raw["request"] = raw["request"].encode("latin-1")
-    result = trio.run(run_load, Spec(**raw))
+    spec = Spec(**raw)
+    if spec.native_gen:
+        from loadtest.bench.native_gen import run_native
+
+        result = run_native(spec.native_gen, spec)
+    else:
+        result = trio.run(run_load, spec)
     print(json.dumps({k: None if isinstance(v, float) and math.isnan(v) else v
                       for k, v in result.items()}))
 

@@ -126,20 +126,26 @@ def plan_file(plans: list[Plan]) -> bytes:
     return b"".join(out)
 
 
-def build(workdir: Path) -> Path | None:
-    """Compile the C server into ``workdir``; None (and why, printed) when it cannot be."""
+def compile_c(source: Path, workdir: Path) -> Path | None:
+    """Compile ``source`` into ``workdir`` (``cc -O2``); None, and why (printed), when
+    there is no C compiler or it fails."""
     compiler = shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if compiler is None:
-        print("native mock: no C compiler here; using the Python mock", flush=True)
+        print(f"{source.stem}: no C compiler here; using the Python one instead", flush=True)
         return None
-    binary = workdir / "native_mock"
-    done = subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(SOURCE)],
+    binary = workdir / source.stem
+    done = subprocess.run([compiler, "-O2", "-Wall", "-o", str(binary), str(source)],
                           capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        print(f"native mock: {compiler} failed; using the Python mock\n{done.stderr}",
-              flush=True)
+        print(f"{source.stem}: {compiler} failed; using the Python one instead\n"
+              f"{done.stderr}", flush=True)
         return None
     return binary
+
+
+def build(workdir: Path) -> Path | None:
+    """The native mock's binary, or None (the bench then uses the Python mock)."""
+    return compile_c(SOURCE, workdir)
 
 
 def start_native_mock(binary: Path, workdir: Path, plans: list[Plan],

@@ -9,11 +9,12 @@ import sys
 import pytest
 
 
-@pytest.mark.parametrize("mock", ["native", "python"])
-def test_quick_benchmark_prints_rows_without_errors(mock: str) -> None:
+@pytest.mark.parametrize("native", ["native", "python"])
+def test_quick_benchmark_prints_rows_without_errors(native: str) -> None:
+    """With the native mock and generator (where a C compiler is), and the Python ones."""
     done = subprocess.run(
         [sys.executable, "-m", "loadtest.bench", "--quick", "--targets", "direct,relay",
-         "--scenarios", "nonstream", "--mock", mock],
+         "--scenarios", "nonstream", "--mock", native, "--gen", native],
         capture_output=True, text=True, timeout=60, check=False,
     )
     assert done.returncode == 0, done.stderr
@@ -26,8 +27,11 @@ def test_quick_benchmark_prints_rows_without_errors(mock: str) -> None:
         assert row[17] == "0", row  # errors
         assert row[18] == "0", row  # shed
     assert "some cells had errors" not in done.stdout
-    served_by = "native-mock" if mock == "native" and shutil.which("cc") else "mock"
-    assert f", {served_by})" in done.stdout.splitlines()[0]
+    built = native == "native" and shutil.which("cc") is not None
+    lines = done.stdout.splitlines()
+    assert f"load generator: {'native' if built else 'python'}" in lines
+    mock_line = next(line for line in lines if line.startswith("mock upstream"))
+    assert mock_line.endswith(", native-mock)" if built else ", mock)")
 
 
 def test_rounds_alternate_targets_and_pool_into_one_row_each() -> None:
