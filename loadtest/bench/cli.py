@@ -157,7 +157,8 @@ def run_cell(target: Target, scenario: str, concurrency: int, args: argparse.Nam
         "host": target.host, "port": target.port, "request": request.decode("latin-1"),
         "concurrency": concurrency, "duration_s": args.duration_s,
         "warmup_s": args.warmup_s, "watch": target.watch, "keep_samples": keep_samples,
-        "ramp_s": args.warmup_s * args.ramp_share, "native_gen": getattr(args, "native_gen", None),
+        "ramp_s": args.warmup_s * getattr(args, "ramp_share", 0.0),
+        "native_gen": getattr(args, "native_gen", None),
         "rss_pid": (target.watch.get(target.serving)
                     or target.watch.get(target.serving + "+tree")) if target.serving else None,
     }
