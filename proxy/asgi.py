@@ -82,10 +82,7 @@ async def read_body(scope: Scope, receive: Receive, limit: int) -> bytes:
             raise BodyTooLargeError
         if chunk and size <= limit:
             parts.append(chunk)
-        # Done at the declared length: hypercorn queues the end of the body only after
-        # a pass through the scheduler, and waiting for it cost every other request that
-        # pass (hypercorn's connection handles the rest of the request either way).
-        if not message.get("more_body", False) or (size == declared and size):
+        if not message.get("more_body", False):
             if size > limit:
                 raise BodyTooLargeError
             return parts[0] if len(parts) == 1 else b"".join(parts)

@@ -52,29 +52,3 @@ async def test_limits_and_disconnects_hold_on_the_queued_path() -> None:
     send.send_nowait({"type": "http.disconnect"})
     with pytest.raises(ClientGone):
         await read_body(SCOPE, receive.receive, 100)
-
-
-async def test_a_body_at_its_declared_length_does_not_wait_for_its_end(
-        autojump_clock: trio.testing.MockClock) -> None:
-    """hypercorn queues the end-of-body message only after a pass of the scheduler."""
-    send, receive = trio.open_memory_channel[dict[str, Any]](4)
-    send.send_nowait({"type": "http.request", "body": b"hello", "more_body": True})
-    send.send_nowait({"type": "http.request", "body": b" world", "more_body": True})
-    with trio.testing.assert_no_checkpoints():
-        assert await read_body(SCOPE, receive.receive, 100) == b"hello world"
-    # Short of the declared length, it waits for the rest.
-    send.send_nowait({"type": "http.request", "body": b"hello", "more_body": True})
-    with trio.move_on_after(1) as waited:
-        await read_body(SCOPE, receive.receive, 100)
-    assert waited.cancelled_caught
-
-
-async def test_without_a_declared_length_the_end_of_the_body_is_waited_for(
-        autojump_clock: trio.testing.MockClock) -> None:
-    send, receive = trio.open_memory_channel[dict[str, Any]](4)
-    send.send_nowait({"type": "http.request", "body": b"hello", "more_body": True})
-    with trio.move_on_after(1) as waited:
-        await read_body({"headers": []}, receive.receive, 100)
-    assert waited.cancelled_caught
-    send.send_nowait({"type": "http.request", "body": b"", "more_body": False})
-    assert await read_body({"headers": []}, receive.receive, 100) == b""
