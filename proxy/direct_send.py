@@ -52,12 +52,14 @@ from hypercorn.events import Closed, RawData, Updated
 from hypercorn.protocol.h11 import H11Protocol
 from hypercorn.protocol.http_stream import ASGIHTTPState, HTTPStream
 from hypercorn.trio import run as hypercorn_run
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
 from proxy.early_refusal import EarlyDoor, encode_response, one_request
 
 _DIRECT = "airgate_direct_send"  # attributes this module sets on hypercorn's Config
 _DOOR = "airgate_early_door"
+_SPAWN_APP = TaskGroup.spawn_app
 
 
 class DirectSendServer(TCPServer):
@@ -127,6 +129,7 @@ class DirectSendServer(TCPServer):
         await self.idle_task.stop()  # hypercorn's timer task; _watch_idle does its work
         self._idle(True)
         self._task_group.spawn(self._watch_idle)
+        queue_at_once(self._task_group)
         door = self._door
         if door is not None:  # each read goes past the door before hypercorn parses it
             handle = self.protocol.handle
@@ -189,6 +192,37 @@ class DirectSendServer(TCPServer):
                     await super().protocol_send(RawData(data=data[sent:]))
                 return
         await super().protocol_send(RawData(data=data))
+
+
+def queue_at_once(task_group: Any) -> None:
+    """Make the request messages hypercorn queues for an app of ``task_group`` go in
+    without a pass through the scheduler when the app's queue has room.
+
+    hypercorn queues a request's body and then its end with ``MemorySendChannel.send``,
+    which yields after each message: a body and its end that arrived in one read went
+    in a pass apart, and the app, started in between, waited that pass for the end
+    (half of all requests on a busy gateway). The messages still go in order, and a
+    full queue is still waited on. Does nothing if hypercorn's task group is not laid
+    out as expected."""
+    spawn_app = getattr(task_group, "spawn_app", None)
+    if spawn_app is None or getattr(spawn_app, "__func__", None) is not _SPAWN_APP:
+        return
+
+    async def spawn_app_queueing_at_once(*args: Any) -> Callable[[Any], Awaitable[None]]:
+        put = await spawn_app(*args)
+        channel = getattr(put, "__self__", None)
+        if type(channel) is not trio.MemorySendChannel:
+            return put  # type: ignore[no-any-return]
+
+        async def put_at_once(message: Any) -> None:
+            try:
+                channel.send_nowait(message)
+            except trio.WouldBlock:
+                await channel.send(message)
+
+        return put_at_once
+
+    task_group.spawn_app = spawn_app_queueing_at_once
 
 
 def configure(config: Config, *, direct_send: bool, door: EarlyDoor | None = None) -> bool:

@@ -13,9 +13,12 @@ from typing import Any
 import h11
 import pytest
 import trio
+import trio.testing
+from hypercorn.config import Config
+from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
-from proxy.direct_send import DirectSendServer, chunk_writer
+from proxy.direct_send import DirectSendServer, chunk_writer, queue_at_once
 from tests.http1 import fetch, read_response, serving
 
 
@@ -232,3 +235,63 @@ async def test_shutdown_closes_idle_connections_at_once(direct: bool) -> None:
         with trio.fail_after(3):
             await _closed_by_server(stream)
         await stream.aclose()
+
+
+
+async def test_request_messages_are_queued_for_the_app_without_a_pass() -> None:
+    """hypercorn queues a body and its end with ``send``, which yields after each: the
+    app, started in between, found the body without its end and waited a pass."""
+    received: list[Any] = []
+    started = trio.Event()
+
+    async def app(scope: Any, receive: Any, send: Any, *_: Any) -> None:
+        started.set()
+        received.append(await receive())
+        received.append(await receive())
+
+    async with TaskGroup() as group:
+        queue_at_once(group)
+        put = await group.spawn_app(app, Config(), {}, _ignore)
+        with trio.testing.assert_no_checkpoints():
+            await put({"type": "http.request", "body": b"x", "more_body": True})
+            await put({"type": "http.request", "body": b"", "more_body": False})
+        await started.wait()
+    assert [m["more_body"] for m in received] == [True, False]
+
+    async with TaskGroup() as group:  # hypercorn's own: a checkpoint per message
+        put = await group.spawn_app(app, Config(), {}, _ignore)
+        with pytest.raises(AssertionError), trio.testing.assert_no_checkpoints():
+            await put({"type": "http.request", "body": b"x", "more_body": True})
+        await put({"type": "http.request", "body": b"", "more_body": False})
+
+
+async def test_a_full_app_queue_is_still_waited_on() -> None:
+    release = trio.Event()
+    received: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any, *_: Any) -> None:
+        await release.wait()
+        for _ in range(12):
+            received.append(await receive())
+
+    config = Config()
+    config.max_app_queue_size = 10
+    async with TaskGroup() as group:
+        queue_at_once(group)
+        put = await group.spawn_app(app, config, {}, _ignore)
+        for i in range(10):
+            await put({"n": i})
+
+        async def more() -> None:
+            await put({"n": 10})
+            await put({"n": 11})
+
+        group.spawn(more)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not received
+        release.set()
+    assert [m["n"] for m in received] == list(range(12))
+
+
+async def _ignore(event: Any) -> None:
+    pass
