@@ -18,7 +18,7 @@ from __future__ import annotations
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,21 +41,28 @@ class Plan:
     parts: tuple[tuple[int, bytes], ...]  # (microseconds after the request, framed bytes)
 
 
+def receive_once(body: bytes) -> Callable[[], Awaitable[dict[str, Any]]]:
+    """An ASGI ``receive`` that gives ``body`` whole, then waits (a client that stays)."""
+    given = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal given
+        if not given:
+            given = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await trio.sleep_forever()
+        raise AssertionError("unreachable")
+
+    return receive
+
+
 async def _record(method: str, path: str, body: bytes, key: str) -> Plan:
     app = MockUpstream(MockConfig())
-    received = False
+    receive = receive_once(body)
     head: list[bytes] = []
     parts: list[tuple[int, bytes]] = []
     chunked = False
     start = trio.current_time()
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await trio.sleep_forever()
-        raise AssertionError("unreachable")
 
     def add(data: bytes) -> None:
         due = round((trio.current_time() - start) * 1e6)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import trio
 
+from loadtest.bench.native_mock import receive_once
 from loadtest.mock_upstream import MockConfig, MockUpstream, run_mock_upstream
 
 CHUNKS = 5
@@ -438,15 +439,6 @@ async def test_stream_keeps_its_schedule_when_a_send_is_late(autojump_clock: Any
                          "mock": {"chunks": 6, "ttft_ms": 50, "chunk_delay_ms": 10}})
     start = trio.current_time()
     sent: list[float] = []
-    received = False
-
-    async def receive() -> dict[str, Any]:
-        nonlocal received
-        if not received:
-            received = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        await trio.sleep_forever()
-        raise AssertionError
 
     async def send(message: dict[str, Any]) -> None:
         if message["type"] == "http.response.body" and message.get("body"):
@@ -456,6 +448,6 @@ async def test_stream_keeps_its_schedule_when_a_send_is_late(autojump_clock: Any
 
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions",
              "headers": [(b"authorization", b"Bearer sk-test")]}
-    await app(scope, receive, send)
+    await app(scope, receive_once(body), send)
     # role at 0; pieces due at 50, 60, ..., 100; the third write ends at 85 ms.
     assert sent == [0, 50, 60, 85, 85, 90, 100]
