@@ -325,6 +325,24 @@ async def run_load(spec: Spec) -> dict[str, Any]:
         # Requests still unanswered at the end are not in the percentiles; show them.
         pending = sorted(now - sent for sent in tally.in_flight.values())
         nursery.cancel_scope.cancel()
+    return {
+        **figures(spec, tally.latencies, tally.ttfbs, before, after),
+        "errors": tally.errors,
+        "shed": tally.shed,
+        "error_samples": [f"{n}x {what}" for what, n in tally.samples.items()],
+        "window_s": window,
+        "gen_cpu_s": cpu1 - cpu0,
+        "unfinished": len(pending),
+        "unfinished_older_than_window": sum(age > window for age in pending),
+        "oldest_unfinished_s": pending[-1] if pending else 0.0,
+    }
+
+
+def figures(spec: Spec, latencies: list[float], ttfbs: list[float],
+            before: dict[str, int | None], after: dict[str, int | None]) -> dict[str, Any]:
+    """What every generator reports from its measured window: completions and their
+    percentiles (and the samples, when asked), the watched servers' CPU between the
+    ``before`` and ``after`` samples, and the served process's peak RSS."""
     process_cpu_s = {}
     for name, start in before.items():
         end = after.get(name)
@@ -332,26 +350,18 @@ async def run_load(spec: Spec) -> dict[str, Any]:
             process_cpu_s[name.removesuffix("+tree")] = (end - start) / CLOCK_TICKS
     rss = read_peak_rss_kib(spec.rss_pid) if spec.rss_pid else None
     samples = {
-        "latencies_ms": [round(1000 * v, 3) for v in tally.latencies],
-        "ttfbs_ms": [round(1000 * v, 3) for v in tally.ttfbs],
+        "latencies_ms": [round(1000 * v, 3) for v in latencies],
+        "ttfbs_ms": [round(1000 * v, 3) for v in ttfbs],
     } if spec.keep_samples else {}
     return {
         **samples,
-        "completed": len(tally.latencies),
-        "errors": tally.errors,
-        "shed": tally.shed,
-        "error_samples": [f"{n}x {what}" for what, n in tally.samples.items()],
-        "window_s": window,
-        "p50_ms": 1000 * percentile(tally.latencies, 50),
-        "p99_ms": 1000 * percentile(tally.latencies, 99),
-        "ttfb_p50_ms": 1000 * percentile(tally.ttfbs, 50),
-        "ttfb_p99_ms": 1000 * percentile(tally.ttfbs, 99),
-        "gen_cpu_s": cpu1 - cpu0,
+        "completed": len(latencies),
+        "p50_ms": 1000 * percentile(latencies, 50),
+        "p99_ms": 1000 * percentile(latencies, 99),
+        "ttfb_p50_ms": 1000 * percentile(ttfbs, 50),
+        "ttfb_p99_ms": 1000 * percentile(ttfbs, 99),
         "process_cpu_s": process_cpu_s,
         "peak_rss_mib": rss / 1024 if rss is not None else None,
-        "unfinished": len(pending),
-        "unfinished_older_than_window": sum(age > window for age in pending),
-        "oldest_unfinished_s": pending[-1] if pending else 0.0,
     }
 
 

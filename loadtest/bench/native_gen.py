@@ -16,12 +16,9 @@ from __future__ import annotations
 import subprocess
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from loadtest.bench.stats import CLOCK_TICKS, percentile, read_peak_rss_kib
-
-if TYPE_CHECKING:
-    from loadtest.bench.loadgen import Spec
+from loadtest.bench.loadgen import Spec, figures, sample
 
 SOURCE = Path(__file__).with_name("native_gen.c")
 
@@ -61,8 +58,6 @@ def parse(lines: list[str]) -> dict[str, Any]:
 
 
 def run_native(binary: str, spec: Spec) -> dict[str, Any]:
-    from loadtest.bench.loadgen import sample
-
     with tempfile.NamedTemporaryFile(prefix="airgate-request-") as request:
         request.write(spec.request)
         request.flush()
@@ -82,27 +77,6 @@ def run_native(binary: str, spec: Spec) -> dict[str, Any]:
             stderr = proc.stderr.read()
             if proc.wait() != 0:
                 raise RuntimeError(f"native generator failed: {stderr.strip()}")
-    figures = parse(rest)
-    process_cpu_s = {}
-    for name, start in before.items():
-        end = after.get(name)
-        if start is not None and end is not None:
-            process_cpu_s[name.removesuffix("+tree")] = (end - start) / CLOCK_TICKS
-    latencies, ttfbs = figures.pop("latencies"), figures.pop("ttfbs")
-    rss = read_peak_rss_kib(spec.rss_pid) if spec.rss_pid else None
-    samples = {
-        "latencies_ms": [round(1000 * v, 3) for v in latencies],
-        "ttfbs_ms": [round(1000 * v, 3) for v in ttfbs],
-    } if spec.keep_samples else {}
-    return {
-        **samples,
-        **figures,
-        "completed": len(latencies),
-        "p50_ms": 1000 * percentile(latencies, 50),
-        "p99_ms": 1000 * percentile(latencies, 99),
-        "ttfb_p50_ms": 1000 * percentile(ttfbs, 50),
-        "ttfb_p99_ms": 1000 * percentile(ttfbs, 99),
-        "process_cpu_s": process_cpu_s,
-        "peak_rss_mib": rss / 1024 if rss is not None else None,
-        "generator": "native",
-    }
+    result = parse(rest)
+    latencies, ttfbs = result.pop("latencies"), result.pop("ttfbs")
+    return {**figures(spec, latencies, ttfbs, before, after), **result, "generator": "native"}
