@@ -174,24 +174,36 @@ class DirectSendServer(TCPServer):
         self._told_until = trio.current_time() + answer.retry_after_s
         return True
 
+    def send_now(self, data: bytes) -> int:
+        """Write what the socket takes of ``data`` now, without waiting: the number of
+        bytes written, or -1 (nothing written) when a direct write does not apply
+        (hypercorn is writing or waiting to, TLS, a closed or broken socket)."""
+        stream: trio.abc.Stream = self.stream  # hypercorn annotates it as TLS only
+        if type(stream) is not trio.SocketStream or self.send_lock.locked():
+            return -1
+        try:
+            # fileno() is -1 once the socket is closed: never someone else's fd.
+            return os.write(stream.socket.fileno(), data)
+        except BlockingIOError:
+            return 0
+        except OSError:  # a dead socket: hypercorn's way handles it
+            return -1
+
     async def send_bytes(self, data: bytes) -> None:
         """Write ``data`` on this connection, directly when it can be done at once."""
-        stream: trio.abc.Stream = self.stream  # hypercorn annotates it as TLS only
-        if type(stream) is trio.SocketStream and not self.send_lock.locked():
-            try:
-                # fileno() is -1 once the socket is closed: never someone else's fd.
-                sent = os.write(stream.socket.fileno(), data)
-            except OSError:  # a full buffer (BlockingIOError) or a dead socket
-                sent = 0
-            if sent == len(data):
-                return
-            if sent:
-                # Part of the bytes are on the wire: the rest must follow, even if the
-                # task is being cancelled.
-                with trio.CancelScope(shield=True):
-                    await super().protocol_send(RawData(data=data[sent:]))
-                return
+        sent = self.send_now(data)
+        if sent == len(data):
+            return
+        if sent > 0:
+            await self.send_rest(data[sent:])
+            return
         await super().protocol_send(RawData(data=data))
+
+    async def send_rest(self, rest: bytes) -> None:
+        """Write the rest of bytes that are partly on the wire: it must follow, even
+        if the task is being cancelled."""
+        with trio.CancelScope(shield=True):
+            await super().protocol_send(RawData(data=rest))
 
 
 def queue_at_once(task_group: Any) -> None:
@@ -243,13 +255,60 @@ def configure(config: Config, *, direct_send: bool, door: EarlyDoor | None = Non
     return direct_send
 
 
-def chunk_writer(send: Callable[..., Awaitable[None]]) -> Callable[[bytes], Awaitable[bool]] | None:
+class ChunkWriter:
+    """Writes the body chunks of one HTTP/1.1 response being sent chunked (see
+    :func:`chunk_writer`)."""
+
+    __slots__ = ("_connection", "_server", "_stream")
+
+    _SENDING = ASGIHTTPState.RESPONSE
+    _BODY = h11.SEND_BODY
+
+    def __init__(self, stream: HTTPStream, connection: h11.Connection,
+                 server: DirectSendServer) -> None:
+        self._stream = stream
+        self._connection = connection
+        self._server = server
+
+    def _applies(self) -> bool:
+        stream = self._stream
+        return not stream.closed and stream.state is self._SENDING \
+            and self._connection.our_state is self._BODY
+
+    async def write(self, data: bytes) -> bool:
+        """Write ``data`` as one chunk. False, without writing, when the response is no
+        longer a chunked body in progress (the client left, the connection failed):
+        the caller then sends through ASGI, which handles those cases."""
+        if not self._applies():
+            return False
+        if data:
+            await self._server.send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+    def write_now(self, data: bytes) -> bytes | None:
+        """Write ``data`` as one chunk without waiting, as far as the socket takes it:
+        the framed bytes still to write with ``write_rest`` (``b""``: all written), or
+        None when nothing was written (``write`` then does it the waiting way)."""
+        if not data:
+            return b"" if self._applies() else None
+        if not self._applies():
+            return None
+        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        sent = self._server.send_now(framed)
+        if sent <= 0:
+            return None
+        return framed[sent:]
+
+    async def write_rest(self, rest: bytes) -> None:
+        """Write what ``write_now`` left (shielded: part of the chunk is on the wire)."""
+        await self._server.send_rest(rest)
+
+
+def chunk_writer(send: Callable[..., Awaitable[None]]) -> ChunkWriter | None:
     """A writer of body chunks for the response ``send`` belongs to, or None.
 
-    Call it after the response head was sent. The writer returns False without writing
-    when the response is no longer a chunked body in progress (the client left, the
-    connection failed): the caller then sends through ASGI, which handles those cases.
-    None when ``send`` is not hypercorn's HTTP/1.1 stream on a :class:`DirectSendServer`.
+    Call it after the response head was sent. None when ``send`` is not hypercorn's
+    HTTP/1.1 stream on a :class:`DirectSendServer` sending a chunked body.
     """
     stream = getattr(send, "__self__", None)
     if type(stream) is not HTTPStream:
@@ -264,15 +323,4 @@ def chunk_writer(send: Callable[..., Awaitable[None]]) -> Callable[[bytes], Awai
     if type(connection) is not h11.Connection \
             or type(getattr(connection, "_writer", None)) is not ChunkedWriter:
         return None
-    send_bytes = server.send_bytes
-    sending = ASGIHTTPState.RESPONSE
-    body = h11.SEND_BODY
-
-    async def write(data: bytes) -> bool:
-        if stream.closed or stream.state is not sending or connection.our_state is not body:
-            return False
-        if data:
-            await send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
-        return True
-
-    return write
+    return ChunkWriter(stream, connection, server)

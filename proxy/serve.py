@@ -129,7 +129,8 @@ async def serve(
         pool = KeyPool(client, metrics, inbox_size=settings.actor_inbox_size,
                        first_byte_timeout_s=settings.first_byte_timeout_s,
                        idle_timeout_s=settings.idle_timeout_s, on_disable=on_disable,
-                       share=(slot.index, slot.count) if slot else (0, 1))
+                       share=(slot.index, slot.count) if slot else (0, 1),
+                       pump=settings.upstream_pump)
         admission = Admission(settings.overload_lag_ms / 1000,
                               hold_max_s=settings.refusal_hold_ms / 1000)
         register_snapshots(metrics, pool, db, admission)

@@ -11,13 +11,11 @@ lets one writer at a time through, so a ping never lands inside a chunk.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-
 import trio
 
 from proxy.asgi import Send
 from proxy.asgi import send_response as send_whole
-from proxy.direct_send import chunk_writer
+from proxy.direct_send import ChunkWriter, chunk_writer
 from workers.dispatch import Reply
 from workers.job import Started
 
@@ -32,18 +30,21 @@ _PING = b": ping\n\n"
 class ClientSink:
     """The client's end of one stream: body chunks, one writer at a time.
 
-    Chunks go through ``direct`` (``proxy.direct_send.chunk_writer``) when the server
-    offers one and it still applies, else as ASGI messages.
+    Chunks go through ``direct`` (``proxy.direct_send.ChunkWriter``) when the server
+    offers one and it still applies, else as ASGI messages. ``try_send`` is the key
+    actor's way from ``workers.pump``'s task, which must not wait: it writes what the
+    socket takes now and holds the rest for ``flush``.
     """
 
-    __slots__ = ("_busy", "_direct", "_free", "_send", "last")
+    __slots__ = ("_busy", "_direct", "_free", "_held", "_rest", "_send", "last")
 
-    def __init__(self, send: Send,
-                 direct: Callable[[bytes], Awaitable[bool]] | None = None) -> None:
+    def __init__(self, send: Send, direct: ChunkWriter | None = None) -> None:
         self._send = send
         self._direct = direct
         self._busy = False
         self._free: trio.Event | None = None  # made only when a second writer must wait
+        self._held: bytes | None = None  # try_send's data, none of it written yet
+        self._rest: bytes | None = None  # try_send's framed chunk, partly written
         self.last = trio.current_time()  # when the client was last sent something
 
     async def send(self, data: bytes) -> None:
@@ -53,15 +54,51 @@ class ClientSink:
             await self._free.wait()
         self._busy = True
         try:
-            if self._direct is None or not await self._direct(data):
+            if self._direct is None or not await self._direct.write(data):
                 await self._send({"type": "http.response.body", "body": data,
                                   "more_body": True})
         finally:
-            self._busy = False
-            self.last = trio.current_time()
-            if self._free is not None:
-                self._free.set()
-                self._free = None
+            self._release()
+
+    def try_send(self, data: bytes) -> bool:
+        """Write ``data`` without waiting if the socket takes it all: True. Else False,
+        and what did not go out is held: ``flush`` must be awaited before the next
+        ``try_send`` or ``send`` of the same writer."""
+        direct = self._direct
+        if self._busy or direct is None:
+            self._held = data
+            return False
+        rest = direct.write_now(data)
+        if rest is None:
+            self._held = data
+            return False
+        self.last = trio.current_time()
+        if rest:
+            self._busy = True  # the rest of the chunk must go before anyone else's bytes
+            self._rest = rest
+            return False
+        return True
+
+    async def flush(self) -> None:
+        """Write what ``try_send`` held."""
+        rest, self._rest = self._rest, None
+        if rest is not None:
+            assert self._direct is not None
+            try:
+                await self._direct.write_rest(rest)
+            finally:
+                self._release()
+            return
+        held, self._held = self._held, None
+        if held is not None:
+            await self.send(held)
+
+    def _release(self) -> None:
+        self._busy = False
+        self.last = trio.current_time()
+        if self._free is not None:
+            self._free.set()
+            self._free = None
 
 
 class StreamOpener:

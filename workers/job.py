@@ -65,6 +65,15 @@ class Sink(Protocol):
         itself drops writes to a closed connection silently."""
         ...
 
+    def try_send(self, data: bytes) -> bool:
+        """Write ``data`` without waiting if that can be done: True. Else False, and the
+        sink holds ``data`` (or its unwritten part) until ``flush``."""
+        ...
+
+    async def flush(self) -> None:
+        """Write what ``try_send`` held (raises as ``send`` does)."""
+        ...
+
 
 class Opener(Protocol):
     """Starts a stream's response to the client; returns where its bytes go."""

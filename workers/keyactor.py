@@ -26,6 +26,7 @@ from workers.bucket import WindowLimits
 from workers.failure import Failure, FailureClass, classify, parse_retry_after
 from workers.health import HealthState, KeyHealth
 from workers.job import Failed, Job, Started, put
+from workers.pump import ReadPump
 from workers.relay import relay_body
 from workers.upstream import TransportFailure, UpstreamClient, UpstreamResponse
 
@@ -50,8 +51,10 @@ class KeyActor:
         idle_timeout_s: float,
         on_disable: OnDisable,
         share: tuple[int, int] = (0, 1),
+        pump: ReadPump | None = None,
     ) -> None:
         self.key = key
+        self._pump = pump
         self._client = client
         self._metrics = metrics
         self._first_byte_timeout_s = first_byte_timeout_s
@@ -264,7 +267,7 @@ class KeyActor:
                         job.sink = await job.opener(started)
                     await put(job.reply, started)
                     return await relay_body(job, response, self._idle_timeout_s,
-                                            self._first_byte_timeout_s)
+                                            self._first_byte_timeout_s, self._pump)
             failure = classify(None, None, timeout=True)
             await self._fail(job, failure, "upstream did not answer in time")
             return failure

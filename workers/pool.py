@@ -19,6 +19,7 @@ from observability.metrics import Metrics
 from store.upstream_keys import UpstreamKey
 from workers.health import HealthState
 from workers.keyactor import KeyActor, OnDisable
+from workers.pump import ReadPump
 from workers.upstream import UpstreamClient
 
 log = logging.getLogger("airgate.pool")
@@ -48,6 +49,7 @@ class KeyPool:
         on_disable: OnDisable,
         rng: random.Random | None = None,
         share: tuple[int, int] = (0, 1),
+        pump: bool = True,
     ) -> None:
         self._client = client
         self._metrics = metrics
@@ -59,10 +61,14 @@ class KeyPool:
         self._rng = rng or random.Random()
         self.actors: dict[str, KeyActor] = {}
         self._nursery: trio.Nursery | None = None
+        # Reads the upstream sockets of the actors' streams (see workers.pump).
+        self._pump = ReadPump() if pump else None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._pump is not None:
+                await nursery.start(self._pump.run)
             task_status.started()
             await trio.sleep_forever()
 
@@ -104,7 +110,7 @@ class KeyPool:
             inbox_size=self._inbox_size,
             first_byte_timeout_s=self._first_byte_timeout_s,
             idle_timeout_s=self._idle_timeout_s,
-            on_disable=self._on_disable, share=self._share,
+            on_disable=self._on_disable, share=self._share, pump=self._pump,
         )
 
     # -- routing ------------------------------------------------------------------------

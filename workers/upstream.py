@@ -20,6 +20,7 @@ from typing import cast
 import httpx
 
 from workers.failure import LOCAL_RESOURCES, Failure, FailureClass, classify
+from workers.upstream_http import BodyReader
 from workers.upstream_net import LeanTransport
 
 
@@ -48,6 +49,13 @@ class UpstreamResponse:
         except httpx.HTTPError as exc:
             raise _failure_for(exc) from exc
 
+    def direct_body(self) -> DirectBody | None:
+        """The body for reading without waiting (``workers.pump``), or None when the
+        transport cannot do that (TLS, a test's transport)."""
+        direct = getattr(self._response.stream, "direct_reader", None)
+        reader = direct() if direct is not None else None
+        return DirectBody(reader) if reader is not None else None
+
     async def read(self, limit: int | None = None) -> bytes:
         """The whole body (or its first ``limit`` bytes)."""
         parts: list[bytes] = []
@@ -59,6 +67,28 @@ class UpstreamResponse:
                 if limit is not None and size >= limit:
                     break
         return b"".join(parts)
+
+
+class DirectBody:
+    """A response body read as its socket becomes readable, without waiting."""
+
+    __slots__ = ("_reader", "fd")
+
+    def __init__(self, reader: BodyReader) -> None:
+        self._reader = reader
+        self.fd = reader.fileno()
+
+    @property
+    def done(self) -> bool:
+        return self._reader.done
+
+    def read_now(self) -> bytes:
+        """The body's next bytes, ``b""`` when there are none yet or it ended
+        (``done``); transport errors surface as ``TransportFailure``."""
+        try:
+            return self._reader.read_now()
+        except httpx.HTTPError as exc:
+            raise _failure_for(exc) from exc
 
 
 # This process ran out of something (open files, buffers, memory): not the upstream's

@@ -204,6 +204,35 @@ class BodyReader:
                     "peer closed connection without sending complete message body")
             self._conn.buffer += data
 
+    def fileno(self) -> int:
+        """The socket to wait on for ``read_now`` (-1 when the connection is not a plain
+        socket: TLS bodies are read with ``next`` only)."""
+        stream = self._conn.stream
+        return stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+
+    def read_now(self) -> bytes:
+        """``next`` without waiting, for a plain socket that is readable: the body's
+        next bytes, or ``b""`` when none are complete yet or the body has ended (see
+        ``done``). At most one system call."""
+        part = self._take()
+        if part or self.done:
+            return part
+        conn = self._conn
+        try:
+            data = os.read(conn.stream.socket.fileno(), _READ)  # type: ignore[attr-defined]
+        except BlockingIOError:
+            return b""
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        if not data:
+            if self._left < 0 and not self._chunked:  # up to the end of the connection
+                self.done = True
+                return b""
+            raise httpx.RemoteProtocolError(
+                "peer closed connection without sending complete message body")
+        conn.buffer += data
+        return self._take()
+
     def _take(self) -> bytes:
         """What the buffer holds of the body, consumed; marks the end when reached."""
         buffer = self._conn.buffer

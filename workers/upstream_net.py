@@ -63,6 +63,12 @@ class _Body(httpx.AsyncByteStream):
     async def aclose(self) -> None:
         self._release()
 
+    def direct_reader(self) -> BodyReader | None:
+        """The body's reader, for reading without waiting (``BodyReader.read_now``),
+        when the body has not been iterated and its socket is plain; else None."""
+        reader = self._reader
+        return reader if not self._released and reader.fileno() >= 0 else None
+
 
 class LeanTransport(httpx.AsyncBaseTransport):
     """HTTP/1.1 keep-alive pool of ``max_connections`` (see the module docstring)."""

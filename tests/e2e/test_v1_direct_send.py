@@ -1,4 +1,5 @@
-"""Streams through the openai SDK with direct writes on and off (AIRGATE_DIRECT_SEND).
+"""Streams through the openai SDK with direct writes (AIRGATE_DIRECT_SEND) and the
+upstream read pump (AIRGATE_UPSTREAM_PUMP) on and off.
 
 Every other e2e test runs with the default (on); this one checks that a stream is
 relayed and billed the same either way (tests/unit/proxy/test_direct_send.py checks which
@@ -13,16 +14,26 @@ import pytest
 import trio
 
 from tests.e2e.conftest import gateway_settings, in_thread, start_gateway
+from workers import relay
 
 CHAT = [{"role": "user", "content": "say hello to the gateway"}]
 
 
-@pytest.mark.parametrize("direct", [True, False])
+@pytest.mark.parametrize(("direct", "pump"), [(True, True), (False, True), (True, False)])
 async def test_a_stream_is_relayed_and_billed_the_same_with_direct_send_on_or_off(
-    nursery: trio.Nursery, pg_dsn: str, mock_url: str, direct: bool,
+    nursery: trio.Nursery, pg_dsn: str, mock_url: str, direct: bool, pump: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    pumped: list[int] = []
+    read_pumped = relay._read_pumped
+
+    async def counting(*args: Any) -> tuple[bool, bool]:
+        pumped.append(1)
+        return await read_pumped(*args)
+
+    monkeypatch.setattr(relay, "_read_pumped", counting)
     harness, done = await start_gateway(
-        nursery, gateway_settings(pg_dsn, direct_send=direct), mock_url)
+        nursery, gateway_settings(pg_dsn, direct_send=direct, upstream_pump=pump), mock_url)
     try:
         await harness.add_key()
         user_id, key = await harness.add_user()
@@ -42,6 +53,8 @@ async def test_a_stream_is_relayed_and_billed_the_same_with_direct_send_on_or_of
             assert chunks[-1].usage.completion_tokens == 20
         rows = await harness.wait_for_usage(user_id, 2)
         assert [r["completion_tokens"] for r in rows] == [20, 20]
+        # The mock upstream is plain HTTP: the pump read both streams when it ran.
+        assert len(pumped) == (2 if pump else 0)
     finally:
         harness.close_clients()
         harness.stop.set()

@@ -47,3 +47,88 @@ async def test_a_cancelled_write_frees_the_sink(autojump_clock: MockClock) -> No
         await sink.send(b"stuck")
     await sink.send(b"next")
     assert sent == [b"next"]
+
+
+class FakeWriter:
+    """A ChunkWriter whose socket takes ``room`` bytes now; the rest waits for
+    ``write_rest`` (which takes ``rest_s`` seconds)."""
+
+    def __init__(self, room: int, rest_s: float = 1.0) -> None:
+        self.room = room
+        self.rest_s = rest_s
+        self.wire: list[bytes] = []
+
+    async def write(self, data: bytes) -> bool:
+        self.wire.append(data)
+        return True
+
+    def write_now(self, data: bytes) -> bytes | None:
+        if self.room <= 0:
+            return None
+        taken = data[: self.room]
+        self.room -= len(taken)
+        self.wire.append(taken)
+        return data[len(taken):]
+
+    async def write_rest(self, rest: bytes) -> None:
+        await trio.sleep(self.rest_s)
+        self.wire.append(rest)
+
+
+async def never(message: Any) -> None:
+    raise AssertionError("ASGI path not expected")
+
+
+async def test_try_send_writes_now_when_the_socket_takes_it_all(
+    autojump_clock: MockClock,
+) -> None:
+    writer = FakeWriter(room=100)
+    sink = ClientSink(never, writer)  # type: ignore[arg-type]
+    await trio.sleep(5)
+    assert sink.try_send(b"chunk")
+    assert writer.wire == [b"chunk"]
+    assert sink.last == trio.current_time()
+
+
+async def test_a_part_written_chunk_is_finished_before_any_other_writer(
+    autojump_clock: MockClock,
+) -> None:
+    writer = FakeWriter(room=3)
+    sink = ClientSink(never, writer)  # type: ignore[arg-type]
+    assert not sink.try_send(b"chunk")
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.send, b": ping\n\n")  # must wait for the rest
+        await trio.sleep(0.1)
+        await sink.flush()
+    assert writer.wire == [b"chu", b"nk", b": ping\n\n"]
+
+
+async def test_nothing_written_is_held_and_sent_the_waiting_way_by_flush(
+    autojump_clock: MockClock,
+) -> None:
+    writer = FakeWriter(room=0)
+    sink = ClientSink(never, writer)  # type: ignore[arg-type]
+    assert not sink.try_send(b"chunk")
+    assert writer.wire == []
+    await sink.flush()
+    assert writer.wire == [b"chunk"]
+    await sink.flush()  # nothing left: nothing written twice
+    assert writer.wire == [b"chunk"]
+
+
+async def test_try_send_does_not_cut_into_another_writers_chunk(
+    autojump_clock: MockClock,
+) -> None:
+    sent: list[bytes] = []
+
+    async def slow_send(message: Any) -> None:
+        await trio.sleep(1.0)
+        sent.append(message["body"])
+
+    sink = ClientSink(slow_send)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(sink.send, b": ping\n\n")
+        await trio.sleep(0.1)
+        assert not sink.try_send(b"chunk")  # the ping is being written
+        await sink.flush()
+    assert sent == [b": ping\n\n", b"chunk"]

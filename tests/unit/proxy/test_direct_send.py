@@ -52,8 +52,8 @@ async def test_a_streamed_body_is_framed_in_order_and_the_connection_is_reused()
         writers.append(write is not None)
         assert write is not None
         for chunk in chunks:
-            assert await write(chunk)
-        assert await write(b"")  # nothing to write, and no end-of-body marker
+            assert await write.write(chunk)
+        assert await write.write(b"")  # nothing to write, and no end-of-body marker
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async with serving(app) as port:
@@ -92,7 +92,7 @@ async def test_a_full_socket_buffer_hands_the_rest_to_hypercorn_in_order(
         write = chunk_writer(send)
         assert write is not None
         for chunk in chunks:
-            assert await write(chunk)
+            assert await write.write(chunk)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
     async with serving(app) as port:
@@ -123,7 +123,7 @@ async def test_a_client_that_leaves_mid_stream_ends_the_writer_not_the_server() 
         assert write is not None
         with trio.move_on_after(10) as timeout:
             sent = 0
-            while await write(b"x" * 1000 + b"\n"):
+            while await write.write(b"x" * 1000 + b"\n"):
                 sent += 1
                 await trio.sleep(0.005)
         outcome["sent"] = sent

@@ -1,0 +1,291 @@
+"""Relaying a stream read by ``workers.pump`` versus by the stream's own task.
+
+The upstream is a real socket (a socketpair: one end is the gateway's upstream
+connection, the other a task writing a scripted chunked body), so the pump's epoll set,
+``BodyReader.read_now`` and the hand-over to the stream's task all run for real. Every
+behaviour is checked in both ways of reading, which must give the same result.
+"""
+
+from __future__ import annotations
+
+import functools
+import socket
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+
+import httpx
+import orjson
+import pytest
+import trio
+from trio.testing import MockClock
+
+from tests.unit.workers.helpers import delta, make_job, sse, usage_chunk
+from workers import relay
+from workers.failure import Failure, FailureClass
+from workers.job import Job
+from workers.pump import ReadPump
+from workers.relay import relay_body
+from workers.sse import SSESplitter
+from workers.upstream import UpstreamResponse
+from workers.upstream_http import BodyReader, Connection, read_head
+from workers.upstream_net import _Body
+
+HELLO = sse(delta("Hello"))
+WORLD = sse(delta(" world"))
+USAGE = sse(usage_chunk(12, 3))
+DONE = sse("[DONE]")
+HEAD = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        b"transfer-encoding: chunked\r\n\r\n")
+END = b"0\r\n\r\n"
+CLOSE = object()  # in a script: the upstream closes its end
+IDLE_S = 10.0
+
+
+def frame(data: bytes) -> bytes:
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+@dataclass
+class Released:
+    """Stands in for the connection pool: what the body gave back."""
+
+    reusable: list[bool] = field(default_factory=list)
+
+    def release(self, conn: Connection, reusable: bool) -> None:
+        self.reusable.append(reusable)
+
+
+@dataclass
+class Sink:
+    """A client: records what it got; ``hold`` makes every n-th ``try_send`` hold its
+    bytes for ``flush``; ``stalled`` never takes anything."""
+
+    hold: int = 0
+    stalled: bool = False
+    received: list[bytes] = field(default_factory=list)
+    tried: int = 0
+    flushed: int = 0
+    held: bytes | None = None
+
+    async def send(self, data: bytes) -> None:
+        if self.stalled:
+            await trio.sleep_forever()
+        self.received.append(data)
+
+    def try_send(self, data: bytes) -> bool:
+        self.tried += 1
+        if self.stalled or (self.hold and self.tried % self.hold == 0):
+            self.held = data
+            return False
+        self.received.append(data)
+        return True
+
+    async def flush(self) -> None:
+        data, self.held = self.held, None
+        if data is not None:
+            self.flushed += 1
+            await self.send(data)
+
+
+async def _play(peer: trio.socket.SocketType, script: list[bytes | float | object]) -> None:
+    for step in script:
+        if step is CLOSE:
+            peer.close()
+            return
+        if isinstance(step, float):
+            await trio.sleep(step)
+        else:
+            assert isinstance(step, bytes)
+            await peer.send(step)
+    await trio.sleep_forever()
+
+
+@asynccontextmanager
+async def upstream(*script: bytes | float | object) -> AsyncIterator[
+        tuple[UpstreamResponse, Released]]:
+    """A response whose head and body come from ``script`` over a real socket."""
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    conn = Connection((b"http", b"upstream.test", 80),
+                      trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    peer = trio.socket.from_stdlib_socket(theirs)
+    released = Released()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_play, peer, [HEAD, *script])
+        status, headers, keep = await read_head(conn)
+        body = _Body(released, conn, BodyReader(conn, status, headers, keep))  # type: ignore[arg-type]
+        response = httpx.Response(status, headers=headers, stream=body)
+        yield UpstreamResponse(status, response.headers, response), released
+        await response.aclose()
+        conn.close()
+        peer.close()
+        nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def reading(mode: str) -> AsyncIterator[ReadPump | None]:
+    """The pump (running) for ``mode == "pump"``, None for the stream's own task."""
+    if mode != "pump":
+        yield None
+        return
+    pump = ReadPump()
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pump.run)
+        yield pump
+        assert not pump._handlers, "the stream left its socket in the pump's set"
+        nursery.cancel_scope.cancel()
+
+
+MODES = pytest.mark.parametrize("mode", ["pump", "own"])
+
+
+async def _relay(mode: str, sink: Sink, *script: bytes | float | object,
+                 token_budget: int | None = None) -> tuple[Failure | None, Released, Job]:
+    job, _ = make_job(stream=True, token_budget=token_budget)
+    job.sink = sink
+    async with reading(mode) as pump, upstream(*script) as (response, released):
+        failure = await relay_body(job, response, IDLE_S, 30.0, pump)
+    if mode == "pump" and sink.received:
+        assert sink.tried > 0  # the pump's way was taken
+    return failure, released, job
+
+
+@MODES
+async def test_events_go_through_unchanged_in_order_and_the_connection_is_reusable(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    wire = frame(HELLO[:9]) + frame(HELLO[9:] + WORLD) + frame(USAGE) + frame(DONE) + END
+    # Network reads that cut chunk frames and events anywhere.
+    script: list[bytes | float] = [wire[:5], 0.01, wire[5:40], 0.01, wire[40:90], 0.01,
+                                   wire[90:]]
+    sink = Sink()
+    failure, released, job = await _relay(mode, sink, *script)
+    assert failure is None
+    assert b"".join(sink.received) == HELLO + WORLD + DONE  # usage chunk: asked for by us
+    assert job.usage is not None
+    assert job.usage.completion_tokens == 3
+    assert released.reusable == [True]
+
+
+@MODES
+async def test_bytes_the_client_could_not_take_at_once_follow_in_order(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    events = [sse(delta(f"w{i}")) for i in range(9)] + [DONE]
+    script: list[bytes | float] = []
+    for event in events:
+        script += [frame(event), 0.01]
+    sink = Sink(hold=3)
+    failure, released, _ = await _relay(mode, sink, *script, END)
+    assert failure is None
+    assert sink.received == events
+    assert released.reusable == [True]
+    if mode == "pump":
+        assert sink.flushed == 3
+
+
+@MODES
+async def test_a_silent_upstream_ends_on_the_idle_timeout_with_an_error_event(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    sink = Sink()
+    start = trio.current_time()
+    # The first bytes come after a while (the first byte's timeout, 30 s, applied until
+    # then); then the upstream says nothing more.
+    failure, released, _ = await _relay(mode, sink, 0.5, frame(HELLO))
+    waited = trio.current_time() - start
+    assert failure is not None
+    assert failure.kind == FailureClass.TIMEOUT
+    assert 0.5 + IDLE_S <= waited <= 0.5 + IDLE_S + 1.0 + 0.01
+    assert sink.received[0] == HELLO
+    assert orjson.loads(sink.received[-1][6:])["error"]["type"] == "upstream_error"
+    assert released.reusable == [False]
+
+
+@MODES
+async def test_an_upstream_that_hangs_up_before_done_is_a_connection_failure(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    sink = Sink()
+    failure, released, _ = await _relay(mode, sink, frame(HELLO), 0.01, CLOSE)
+    assert failure is not None
+    assert failure.kind == FailureClass.CONNECT
+    assert sink.received[0] == HELLO
+    assert b"upstream_error" in sink.received[-1]
+    assert released.reusable == [False]
+
+
+@MODES
+@pytest.mark.parametrize("bad", [b"data: {not json\n\n",
+                                 b"data: {\"x\": \"" + b"x" * 4096])  # no end in sight
+async def test_a_malformed_or_oversized_event_fails_the_stream_against_the_key(
+    mode: str, bad: bytes, autojump_clock: MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Events larger than the splitter's limit (16 MiB by default; 1 KiB here).
+    monkeypatch.setattr(relay, "SSESplitter", functools.partial(SSESplitter,
+                                                                max_event_bytes=1024))
+    sink = Sink()
+    failure, _, _ = await _relay(mode, sink, frame(HELLO), 0.01, frame(bad), 0.01,
+                                frame(DONE), END)
+    assert failure is not None
+    assert failure.upstream_code == "malformed_chunk"
+    assert failure.affects_health
+    assert sink.received[0] == HELLO
+    assert b"malformed_chunk" in sink.received[-1]
+
+
+@MODES
+async def test_the_upstreams_error_event_is_passed_on_once_and_ends_the_stream(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    error = sse({"error": {"message": "overloaded", "type": "server_error", "code": None}})
+    sink = Sink()
+    failure, _, _ = await _relay(mode, sink, frame(HELLO), 0.01, frame(error), 0.01,
+                                 frame(WORLD), frame(DONE), END)
+    assert failure is not None
+    assert b"".join(sink.received) == HELLO + error
+
+
+@MODES
+async def test_the_token_budget_cuts_the_stream_with_an_insufficient_quota_event(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    long = sse(delta("word " * 40))
+    sink = Sink()
+    failure, _, job = await _relay(mode, sink, frame(HELLO), 0.01, frame(long), 0.01,
+                                   frame(WORLD), frame(DONE), END, token_budget=5)
+    assert failure is None
+    assert job.cut_for_quota
+    assert sink.received[0] == HELLO
+    assert b"insufficient_quota" in sink.received[-1]
+    assert WORLD not in b"".join(sink.received)
+
+
+@MODES
+async def test_a_client_that_takes_nothing_is_cut_after_the_idle_timeout_without_blame(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    sink = Sink(stalled=True)
+    start = trio.current_time()
+    failure, released, _ = await _relay(mode, sink, frame(HELLO), 0.01, frame(WORLD))
+    assert failure is None
+    assert IDLE_S <= trio.current_time() - start <= IDLE_S + 1.0 + 0.02
+    assert released.reusable == [False]
+
+
+@MODES
+async def test_cancelling_the_relay_takes_its_socket_out_of_the_pump(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    job, _ = make_job(stream=True)
+    sink = Sink()
+    job.sink = sink
+    async with reading(mode) as pump, upstream(frame(HELLO), 0.01, frame(WORLD)) as (
+            response, released):
+        with trio.move_on_after(1.0):
+            await relay_body(job, response, IDLE_S, 30.0, pump)
+        if pump is not None:
+            assert not pump._handlers
+    assert sink.received == [HELLO, WORLD]
+    assert released.reusable == [False]
