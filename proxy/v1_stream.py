@@ -60,6 +60,10 @@ class ClientSink:
         finally:
             self._release()
 
+    @property
+    def writes_now(self) -> bool:
+        return self._direct is not None
+
     def try_send(self, data: bytes) -> bool:
         """Write ``data`` without waiting if the socket takes it all: True. Else False,
         and what did not go out is held: ``flush`` must be awaited before the next

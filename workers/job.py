@@ -65,6 +65,11 @@ class Sink(Protocol):
         itself drops writes to a closed connection silently."""
         ...
 
+    @property
+    def writes_now(self) -> bool:
+        """Whether ``try_send`` can write at all (else it always holds: not worth it)."""
+        ...
+
     def try_send(self, data: bytes) -> bool:
         """Write ``data`` without waiting if that can be done: True. Else False, and the
         sink holds ``data`` (or its unwritten part) until ``flush``."""

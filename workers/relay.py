@@ -37,7 +37,8 @@ async def relay_body(
     pump: ReadPump | None = None,
 ) -> Failure | None:
     """Forward the body; return the failure to record against the key, if any. A stream
-    with a sink is read by ``pump`` when it runs and the body's socket is plain."""
+    is read by ``pump`` when the pump runs, the body's socket is plain and the client's
+    sink can write without waiting (HTTP/1.1 with direct writes)."""
     if not job.stream:
         return await _relay_whole(job, response, first_byte_timeout_s)
     return await _relay_stream(job, response, idle_timeout_s, first_byte_timeout_s, pump)
@@ -140,7 +141,7 @@ async def _relay_stream(
     failure: Failure | None = None
     sink = job.sink
     body = response.direct_body() if pump is not None and pump.running \
-        and sink is not None else None
+        and sink is not None and sink.writes_now else None
     try:
         if body is not None and pump is not None and sink is not None:
             idle, sending = await _read_pumped(relay, body, sink, pump, idle_timeout_s,
