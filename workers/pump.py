@@ -77,7 +77,10 @@ class ReadPump:
         """Call ``handler`` whenever ``fd`` has data, until ``remove(fd)``. ``fd`` must
         stay open until then."""
         assert self._epoll is not None
-        self._epoll.register(fd, _EVENTS)
+        try:
+            self._epoll.register(fd, _EVENTS)
+        except FileExistsError:  # defensive: a stale entry for a reused number
+            self._epoll.modify(fd, _EVENTS)
         self._handlers[fd] = handler
 
     def remove(self, fd: int) -> None:
