@@ -303,3 +303,38 @@ async def test_a_sink_that_cannot_write_at_once_keeps_the_stream_in_its_own_task
     assert sink.received == [HELLO, DONE]
     assert sink.tried == 0
     assert released.reusable == [True]
+
+
+@MODES
+async def test_a_client_that_leaves_right_after_done_is_billed_the_upstreams_usage(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    """The openai SDK may close the connection as soon as it has [DONE]: the job is
+    aborted, possibly before the stream's task runs again; the usage that came is kept."""
+    job, _ = make_job(stream=True)
+    sink = Sink()
+    original = sink.try_send
+
+    def leaving(data: bytes) -> bool:
+        taken = original(data)
+        if DONE in data:
+            job.abort()
+        return taken
+
+    sink.try_send = leaving  # type: ignore[method-assign]
+    sent = sink.send
+
+    async def leaving_send(data: bytes) -> None:
+        await sent(data)
+        if DONE in data:
+            job.abort()
+
+    sink.send = leaving_send  # type: ignore[method-assign]
+    job.sink = sink
+    async with reading(mode) as pump, upstream(
+            frame(HELLO), 0.01, frame(USAGE) + frame(DONE) + END) as (response, _released):
+        with trio.CancelScope() as scope:
+            job.attach(scope)
+            await relay_body(job, response, IDLE_S, 30.0, pump)
+    assert job.usage is not None
+    assert job.usage.completion_tokens == 3
