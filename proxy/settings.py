@@ -54,7 +54,7 @@ class Settings:
     dispatch_wait_s: float = 2.0
     max_waiting_requests: int = 512  # waiting for a first upstream byte; more get 429
     listen_backlog: int = 2048  # the kernel's accept queue (capped by net.core.somaxconn)
-    overload_lag_ms: float = 5.0  # sustained lag (while saturated) that shrinks admission; 0: off
+    overload_lag_ms: float = 3.0  # sustained lag (while saturated) that shrinks admission; 0: off
     refusal_hold_ms: float = 0.0  # hold a refusal back before its retry-after this long; 0: off
     actor_inbox_size: int = 64
     flush_interval_s: float = 1.0

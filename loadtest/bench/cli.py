@@ -262,13 +262,14 @@ def _compare_target(args: argparse.Namespace) -> Target:
                   "compare" if args.compare_pid else None)
 
 
-def _start_mock(workdir: Path, args: argparse.Namespace) -> Server:
-    """The native mock when it can be built (and was not declined), else the Python one."""
-    binary = build(workdir) if args.mock == "native" else None
+def start_bench_mock(workdir: Path, kind: str, port: int | None = None) -> Server:
+    """The native mock when it can be built (and ``kind`` is "native"), else the Python
+    one."""
+    binary = build(workdir) if kind == "native" else None
     if binary is None:
-        return start_mock(workdir, args.mock_port)
+        return start_mock(workdir, port)
     plans = chat_plans(SCENARIOS, lambda name: request_body(name, MODEL))
-    return start_native_mock(binary, workdir, plans, args.mock_port)
+    return start_native_mock(binary, workdir, plans, port)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -282,7 +283,7 @@ def main(argv: list[str] | None = None) -> None:
             binary = compile_c(NATIVE_GEN, workdir)
             args.native_gen = str(binary) if binary else None
         print(f"load generator: {'native' if args.native_gen else 'python'}", flush=True)
-        mock = _start_mock(workdir, args)
+        mock = start_bench_mock(workdir, args.mock, args.mock_port)
         stack.callback(mock.stop)
         print(f"mock upstream  {mock.url}/v1  (pid {mock.pid}, {mock.name})", flush=True)
         targets: list[Target] = []

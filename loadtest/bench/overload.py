@@ -2,8 +2,9 @@
 
 Target: at twice its capacity the gateway refuses the excess (429/503 with
 ``retry-after``) instead of queueing it for seconds, so the p99 latency of the requests
-it accepts stays within 2x of its p99 at capacity. Starts the mock upstream and the
-gateway (as :mod:`loadtest.bench.cli` does), finds its capacity R (or takes
+it accepts stays within 2x of its p99 at capacity. Starts the mock upstream (the native
+mock by default, ``--mock python`` for the Python one) and the gateway (as
+:mod:`loadtest.bench.cli` does), finds its capacity R (or takes
 ``--capacity-rps``), then runs the open-loop generator (:mod:`loadtest.bench.openloop`) at
 1.0 x R and ``--factor`` x R. A measurement, not a test: it always exits 0 and prints
 PASS or FAIL. Must not import ``proxy``, ``workers`` or ``store``.
@@ -31,14 +32,13 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from loadtest.bench.cli import SCENARIOS, Target, request_body, run_cell
+from loadtest.bench.cli import SCENARIOS, Target, request_body, run_cell, start_bench_mock
 from loadtest.bench.loadgen import build_request
 from loadtest.bench.processes import (
     MODEL,
     add_settings_option,
     reachable_tmp_dir,
     start_gateway,
-    start_mock,
 )
 
 CAPACITY_CONCURRENCY = 50
@@ -57,6 +57,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     " against p99 at capacity.",
     )
     parser.add_argument("--scenario", choices=["nonstream", "stream"], default="nonstream")
+    parser.add_argument("--mock", choices=["native", "python"], default="native",
+                        help="the upstream: the Python mock's answers replayed by a small C"
+                        " server (default; the Python mock when no C compiler is found), or"
+                        " the Python mock itself")
     parser.add_argument("--duration-s", type=float, default=8.0, help="measured s per run")
     parser.add_argument("--warmup-s", type=float, default=2.0, help="unmeasured s per run")
     parser.add_argument("--capacity-rps", type=float,
@@ -254,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     workdir = reachable_tmp_dir("airgate-overload-")
     with ExitStack() as stack:
-        mock = start_mock(workdir)
+        mock = start_bench_mock(workdir, args.mock)
         stack.callback(mock.stop)
         gateway = start_gateway(workdir, mock.url,
                                 settings=dict(args.set))
