@@ -255,6 +255,11 @@ def configure(config: Config, *, direct_send: bool, door: EarlyDoor | None = Non
     return direct_send
 
 
+def _frame(data: bytes) -> bytes:
+    """``data`` as one chunk of a chunked body (what h11's chunked writer writes)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
 class ChunkWriter:
     """Writes the body chunks of one HTTP/1.1 response being sent chunked (see
     :func:`chunk_writer`)."""
@@ -282,7 +287,7 @@ class ChunkWriter:
         if not self._applies():
             return False
         if data:
-            await self._server.send_bytes(b"%x\r\n%b\r\n" % (len(data), data))
+            await self._server.send_bytes(_frame(data))
         return True
 
     def write_now(self, data: bytes) -> bytes | None:
@@ -293,7 +298,7 @@ class ChunkWriter:
             return b"" if self._applies() else None
         if not self._applies():
             return None
-        framed = b"%x\r\n%b\r\n" % (len(data), data)
+        framed = _frame(data)
         sent = self._server.send_now(framed)
         if sent <= 0:
             return None

@@ -118,10 +118,10 @@ class _Relay:
             if event.data is None:
                 continue  # upstream comments and pings: we send our own
             info = counter.feed(event.data)
-            if info.usage_only and not info.done and not self.job.include_usage:
+            if info.usage_only and not self.job.include_usage:
                 continue
             out.append(event.raw)
-            if info.error is not None and not info.done:
+            if info.error is not None:
                 # The upstream reported an error in-stream: pass it on and stop.
                 self.failure = classify(None, orjson.dumps({"error": info.error}))
                 break
@@ -140,10 +140,9 @@ async def _relay_stream(
     relay = _Relay(job)
     failure: Failure | None = None
     sink = job.sink
-    body = response.direct_body() if pump is not None and pump.running \
-        and sink is not None and sink.writes_now else None
     try:
-        if body is not None and pump is not None and sink is not None:
+        if pump is not None and pump.running and sink is not None and sink.writes_now \
+                and (body := response.direct_body()) is not None:
             idle, sending = await _read_pumped(relay, body, sink, pump, idle_timeout_s,
                                                first_byte_timeout_s)
         else:

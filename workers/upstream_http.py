@@ -75,18 +75,30 @@ class Connection:
         if self._drained:
             await trio.lowlevel.wait_readable(sock)
             waited = True
-        while True:
-            try:
-                # fileno() is -1 once the socket is closed: EBADF, never someone else's fd.
-                data = os.read(sock.fileno(), _READ)
-            except BlockingIOError:
-                await trio.lowlevel.wait_readable(sock)
-                waited = True
-                continue
-            break
-        self._drained = len(data) < _READ
+        while (data := self.read_now()) is None:
+            await trio.lowlevel.wait_readable(sock)
+            waited = True
         if not waited:
             await trio.lowlevel.checkpoint()
+        return data
+
+    def fileno(self) -> int:
+        """The socket to wait on for ``read_now`` (-1 when the connection is not a plain
+        socket: TLS connections are read with ``read`` only)."""
+        stream = self.stream
+        return stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+
+    def read_now(self) -> bytes | None:
+        """One read of a plain socket, without waiting: what arrived (``b""`` when the
+        peer closed), or None when nothing has."""
+        try:
+            # fileno() is -1 once the socket is closed: EBADF, never someone else's fd.
+            data = os.read(self.fileno(), _READ)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        self._drained = len(data) < _READ
         return data
 
     def dropped(self) -> bool:
@@ -197,18 +209,13 @@ class BodyReader:
                 return None
             data = await self._conn.read()
             if not data:
-                if self._left < 0 and not self._chunked:  # up to the end of the connection
-                    self.done = True
-                    return None
-                raise httpx.RemoteProtocolError(
-                    "peer closed connection without sending complete message body")
+                self._connection_ended()
+                return None
             self._conn.buffer += data
 
     def fileno(self) -> int:
-        """The socket to wait on for ``read_now`` (-1 when the connection is not a plain
-        socket: TLS bodies are read with ``next`` only)."""
-        stream = self._conn.stream
-        return stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        """The socket to wait on for ``read_now`` (-1: TLS, read with ``next`` only)."""
+        return self._conn.fileno()
 
     def read_now(self) -> bytes:
         """``next`` without waiting, for a plain socket that is readable: the body's
@@ -217,21 +224,22 @@ class BodyReader:
         part = self._take()
         if part or self.done:
             return part
-        conn = self._conn
-        try:
-            data = os.read(conn.stream.socket.fileno(), _READ)  # type: ignore[attr-defined]
-        except BlockingIOError:
+        data = self._conn.read_now()
+        if data is None:
             return b""
-        except OSError as exc:
-            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         if not data:
-            if self._left < 0 and not self._chunked:  # up to the end of the connection
-                self.done = True
-                return b""
-            raise httpx.RemoteProtocolError(
-                "peer closed connection without sending complete message body")
-        conn.buffer += data
+            self._connection_ended()
+            return b""
+        self._conn.buffer += data
         return self._take()
+
+    def _connection_ended(self) -> None:
+        """The peer closed: the end of a body that runs up to it, else an error."""
+        if self._left < 0 and not self._chunked:
+            self.done = True
+            return
+        raise httpx.RemoteProtocolError(
+            "peer closed connection without sending complete message body")
 
     def _take(self) -> bytes:
         """What the buffer holds of the body, consumed; marks the end when reached."""
