@@ -281,8 +281,8 @@ class Dispatcher:
 def _usage_of(req: Request, job: Job | None) -> tuple[Usage, str]:
     if job is None or job.upstream_started_at is None:
         return Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0), "none"
-    if job.usage is not None:
-        return job.usage, "upstream"
+    if (usage := job.known_usage) is not None:
+        return usage, "upstream"
     if job.status >= 400:
         return Usage(prompt_tokens=0, cached_tokens=0, completion_tokens=0), "none"
     completion = job.counter.completion_tokens_estimate or job.whole_completion_estimate

@@ -103,7 +103,7 @@ class Job:
     deadline: float  # trio time after which waiting for admission is pointless
     reply: trio.MemorySendChannel[Event]
     counter: StreamTokenCounter = field(default_factory=StreamTokenCounter)
-    usage: Usage | None = None  # authoritative usage from upstream, when it sent one
+    usage: Usage | None = None  # a whole body's usage from upstream, when it sent one
     status: int = 0
     upstream_key_id: str | None = None
     first_byte_at: float | None = None
@@ -115,6 +115,14 @@ class Job:
     sink: Sink | None = None  # set by the client's side; used by the relay when present
     opener: Opener | None = None  # the client's side's: the actor starts a stream with it
     _scope: trio.CancelScope | None = None
+
+    @property
+    def known_usage(self) -> Usage | None:
+        """The upstream's own usage as far as it is known now: a whole body's, or the last
+        a stream's counter has seen. Read from the counter rather than copied when the
+        relay ends: a client that leaves the moment it has [DONE] (the openai SDK closes
+        then) is billed by its request task, which may run before the stream's task does."""
+        return self.usage if self.usage is not None else self.counter.upstream_usage
 
     def attach(self, scope: trio.CancelScope) -> None:
         """Called by the worker that runs this job, so ``abort`` can reach it."""

@@ -208,8 +208,8 @@ class KeyActor:
 
     def _settle(self, job: Job, reserved: int) -> None:
         """Replace the tpm reservation by the real usage (refund, or debt on overrun)."""
-        if job.usage is not None:
-            used = job.usage.total
+        if (usage := job.known_usage) is not None:
+            used = usage.total
         else:
             used = job.prompt_estimate + (job.counter.completion_tokens_estimate
                                           or job.whole_completion_estimate)

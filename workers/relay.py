@@ -154,10 +154,6 @@ async def _relay_stream(
     except (MalformedChunk, SSEEventTooLarge):
         failure = _MALFORMED
         idle = sending = False
-    finally:
-        # Also when the job is aborted: a client that leaves the moment it has [DONE]
-        # (before this task runs again) is billed the upstream's usage, not estimates.
-        job.usage = relay.counter.upstream_usage
     if idle:
         if sending:
             # The client read nothing for the whole idle timeout: end its stream, without

@@ -161,8 +161,12 @@ async def test_shutdown_with_streams_in_flight_loses_no_usage(
     assert finished == [10] * 5
     # The gateway's pool is closed now; read back through a fresh connection.
     async with open_store(pg_dsn, pool_size=1) as db:
-        rows = await db.fetch("SELECT completion_tokens FROM usage_records WHERE user_id = $1",
-                              user_id)
+        rows = await db.fetch(
+            "SELECT completion_tokens, usage_source, status FROM usage_records"
+            " WHERE user_id = $1", user_id)
         used = await db.fetchval("SELECT token_used FROM users WHERE id = $1", user_id)
-    assert [r["completion_tokens"] for r in rows] == [10] * 5
+    # Every stream was billed the upstream's own usage, none an estimate: the SDK closes
+    # the connection the moment it has [DONE], before the stream's task may run again.
+    assert [(r["completion_tokens"], r["usage_source"], r["status"]) for r in rows] \
+        == [(10, "upstream", 200)] * 5
     assert used == sum(r["completion_tokens"] for r in rows) + 5 * 2

@@ -77,7 +77,7 @@ async def test_stream_is_forwarded_byte_for_byte_without_the_usage_chunk(
         assert upstream.seen[0].body["stream_options"] == {"include_usage": True}
         assert "stream_options" not in job.body
         # ... and the upstream's usage is what settles the tpm reservation.
-        assert job.usage == Usage(prompt_tokens=12, cached_tokens=0, completion_tokens=3)
+        assert job.known_usage == Usage(prompt_tokens=12, cached_tokens=0, completion_tokens=3)
         assert actor.tpm is not None
         assert actor.tpm.level(trio.current_time()) == 6000 - 15
         assert job.first_byte_at == 0.0
@@ -101,7 +101,7 @@ async def test_stream_without_upstream_usage_is_counted(autojump_clock: MockCloc
         job, receive = make_job(stream=True, prompt_estimate=100, max_output=100)
         events = await run_job(actor, job, receive)
         assert body_of(events) == ROLE + HELLO + WORLD + FINISH + DONE
-        assert job.usage is None
+        assert job.known_usage is None
         # Two text pieces; the heuristic over "Hello wörld": ceil(10 ASCII / 4) + 1 = 4.
         assert estimate_text_tokens("Hello wörld") == 4
         assert job.counter.completion_tokens_estimate == 4
@@ -286,7 +286,7 @@ async def test_non_stream_body_is_relayed_whole_with_its_usage(
         events = await run_job(actor, job, receive)
         assert started(events) == Started(200, "application/json", "k1")
         assert orjson.loads(body_of(events))["choices"][0]["message"]["content"] == "hi"
-        assert job.usage == Usage(prompt_tokens=10, cached_tokens=0, completion_tokens=2)
+        assert job.known_usage == Usage(prompt_tokens=10, cached_tokens=0, completion_tokens=2)
 
 
 def test_the_usage_chunk_in_the_test_data_is_usage_only() -> None:

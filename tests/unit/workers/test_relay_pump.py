@@ -27,6 +27,7 @@ from workers.job import Job
 from workers.pump import ReadPump
 from workers.relay import relay_body
 from workers.sse import SSESplitter
+from workers.tokens import Usage
 from workers.upstream import UpstreamResponse
 from workers.upstream_http import BodyReader, Connection, read_head
 from workers.upstream_net import _Body
@@ -164,8 +165,8 @@ async def test_events_go_through_unchanged_in_order_and_the_connection_is_reusab
     failure, released, job = await _relay(mode, sink, *script)
     assert failure is None
     assert b"".join(sink.received) == HELLO + WORLD + DONE  # usage chunk: asked for by us
-    assert job.usage is not None
-    assert job.usage.completion_tokens == 3
+    assert job.known_usage is not None
+    assert job.known_usage.completion_tokens == 3
     assert released.reusable == [True]
 
 
@@ -310,15 +311,21 @@ async def test_a_client_that_leaves_right_after_done_is_billed_the_upstreams_usa
     mode: str, autojump_clock: MockClock,
 ) -> None:
     """The openai SDK may close the connection as soon as it has [DONE]: the job is
-    aborted, possibly before the stream's task runs again; the usage that came is kept."""
+    aborted and billed by the request task at once (``Dispatcher.finish``), before the
+    stream's task runs again; the usage that came is what it sees."""
     job, _ = make_job(stream=True)
     sink = Sink()
     original = sink.try_send
+    billed: list[Usage | None] = []
+
+    def leave() -> None:
+        job.abort()
+        billed.append(job.known_usage)  # what the request task bills, in the same step
 
     def leaving(data: bytes) -> bool:
         taken = original(data)
         if DONE in data:
-            job.abort()
+            leave()
         return taken
 
     sink.try_send = leaving  # type: ignore[method-assign]
@@ -327,7 +334,7 @@ async def test_a_client_that_leaves_right_after_done_is_billed_the_upstreams_usa
     async def leaving_send(data: bytes) -> None:
         await sent(data)
         if DONE in data:
-            job.abort()
+            leave()
 
     sink.send = leaving_send  # type: ignore[method-assign]
     job.sink = sink
@@ -336,5 +343,7 @@ async def test_a_client_that_leaves_right_after_done_is_billed_the_upstreams_usa
         with trio.CancelScope() as scope:
             job.attach(scope)
             await relay_body(job, response, IDLE_S, 30.0, pump)
-    assert job.usage is not None
-    assert job.usage.completion_tokens == 3
+    assert len(billed) == 1
+    assert billed[0] is not None
+    assert billed[0].completion_tokens == 3
+    assert job.known_usage == billed[0]
