@@ -415,14 +415,18 @@ async def run_mock_upstream(
     *,
     host: str = "127.0.0.1",
     port: int = 0,
+    tls: tuple[str, str] | None = None,
     task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Serve the mock until cancelled; ``task_status.started(port)`` once listening.
+    ``tls``: (certificate file, key file) to serve https instead of http.
 
     With ``port=0`` the kernel picks the port: hypercorn binds the socket and reports the
     bound address (``getsockname``) through its own ``task_status``, which we parse.
     """
     hyper = HypercornConfig()
+    if tls is not None:
+        hyper.certfile, hyper.keyfile = tls
     hyper.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     hyper.accesslog = None
     hyper.errorlog = _LOG

@@ -70,7 +70,7 @@ class Settings:
     log_level: str = "info"
     access_log: bool = True
     direct_send: bool = True  # write to a client socket at once when it has room
-    upstream_pump: bool = True  # one task reads every stream's plain upstream socket
+    upstream_pump: bool = True  # one task reads every stream's upstream socket
 
     def __post_init__(self) -> None:
         problems: list[str] = []

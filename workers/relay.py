@@ -37,8 +37,9 @@ async def relay_body(
     pump: ReadPump | None = None,
 ) -> Failure | None:
     """Forward the body; return the failure to record against the key, if any. A stream
-    is read by ``pump`` when the pump runs, the body's socket is plain and the client's
-    sink can write without waiting (HTTP/1.1 with direct writes)."""
+    is read by ``pump`` when the pump runs, the body can be read without waiting (our
+    own transport, plain or TLS) and the client's sink can write without waiting
+    (HTTP/1.1 with direct writes)."""
     if not job.stream:
         return await _relay_whole(job, response, first_byte_timeout_s)
     return await _relay_stream(job, response, idle_timeout_s, first_byte_timeout_s, pump)

@@ -51,7 +51,7 @@ class UpstreamResponse:
 
     def direct_body(self) -> DirectBody | None:
         """The body for reading without waiting (``workers.pump``), or None when the
-        transport cannot do that (TLS, a test's transport)."""
+        transport cannot do that (a test's transport)."""
         direct = getattr(self._response.stream, "direct_reader", None)
         reader = direct() if direct is not None else None
         return DirectBody(reader) if reader is not None else None

@@ -6,16 +6,20 @@ Owns :class:`Connection`, :func:`encode_request`, :func:`read_head` and
 with a whole body; responses framed by ``content-length``, ``transfer-encoding:
 chunked`` or the end of the connection; ``1xx`` heads skipped. Errors are httpx's
 (``RemoteProtocolError``, ``ReadError``, ``WriteError``), each chained to its cause.
+TLS is ``workers.upstream_tls``: the socket is always read here, then decrypted.
 
-Imports nothing from the gateway.
+Imports nothing from the gateway but ``upstream_tls``.
 """
 
 from __future__ import annotations
 
 import os
+import ssl
 
 import httpx
 import trio
+
+from workers.upstream_tls import Tls
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -26,71 +30,66 @@ _BROKEN = (trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 
 
 class Connection:
-    """A connected stream (plain or TLS) and the bytes read past the last response."""
+    """A connected socket, its TLS when the origin is https, and the bytes read past the
+    last response."""
 
-    __slots__ = ("_drained", "buffer", "origin", "stream")
+    __slots__ = ("_drained", "buffer", "origin", "stream", "tls")
 
-    def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.abc.Stream) -> None:
+    def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.SocketStream,
+                 tls: Tls | None = None) -> None:
         self.origin = origin
         self.stream = stream
+        self.tls = tls
         self.buffer = bytearray()
         # The last read took all there was: the next waits for more before reading.
         # (A response never follows its request at once, so a new connection starts so.)
         self._drained = True
 
     async def write(self, data: bytes) -> None:
-        """Send ``data``; on a plain socket, straight into it when it takes it all (no
-        pass through the scheduler), the rest through ``send_all``."""
+        """Send ``data``: straight into the socket when it takes it all (no pass through
+        the scheduler), the rest through ``send_all``."""
         stream = self.stream
         try:
-            if type(stream) is trio.SocketStream:
-                try:
-                    sent = os.write(stream.socket.fileno(), data)  # -1 once closed
-                except BlockingIOError:
-                    sent = 0
-                if sent == len(data):
-                    return
-                data = data[sent:]
-            await stream.send_all(data)
-        except _BROKEN as exc:
+            if self.tls is not None:
+                data = self.tls.encrypt(data)
+            try:
+                sent = os.write(stream.socket.fileno(), data)  # -1 once closed
+            except BlockingIOError:
+                sent = 0
+            if sent == len(data):
+                return
+            await stream.send_all(data[sent:])
+        except (*_BROKEN, ssl.SSLError) as exc:
             raise httpx.WriteError(str(exc) or type(exc).__name__) from exc
 
     async def read(self) -> bytes:
-        stream = self.stream
+        """What arrives next (``b""``: the peer closed). With one system call per arrival
+        where trio's ``receive_some`` makes two (a read that finds nothing, then the one
+        after the wait) through several wrappers: when the last read emptied the socket,
+        wait for it first. A read that did not wait yields once, as trio's would, so
+        that a fast upstream cannot keep the loop to itself."""
+        sock = self.stream.socket
+        waited = False
         try:
-            if type(stream) is trio.SocketStream:
-                return await self._receive(stream.socket)
-            data = await stream.receive_some(_READ)
+            if self._drained:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
+            while (data := self.read_now()) is None:
+                await trio.lowlevel.wait_readable(sock)
+                waited = True
         except _BROKEN as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
-        return data if type(data) is bytes else bytes(data)
-
-    async def _receive(self, sock: trio.socket.SocketType) -> bytes:
-        """Read a plain socket with one system call per arrival where trio's
-        ``receive_some`` makes two (a read that finds nothing, then the one after the
-        wait) through several wrappers: when the last read emptied the socket, wait for
-        it first. A read that did not wait yields once, as trio's would, so that a
-        fast upstream cannot keep the loop to itself."""
-        waited = False
-        if self._drained:
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
-        while (data := self.read_now()) is None:
-            await trio.lowlevel.wait_readable(sock)
-            waited = True
         if not waited:
             await trio.lowlevel.checkpoint()
         return data
 
     def fileno(self) -> int:
-        """The socket to wait on for ``read_now`` (-1 when the connection is not a plain
-        socket: TLS connections are read with ``read`` only)."""
-        stream = self.stream
-        return stream.socket.fileno() if type(stream) is trio.SocketStream else -1
+        """The socket to wait on for ``read_now`` (-1 once closed)."""
+        return self.stream.socket.fileno()
 
     def read_now(self) -> bytes | None:
-        """One read of a plain socket, without waiting: what arrived (``b""`` when the
-        peer closed), or None when nothing has."""
+        """One read of the socket, without waiting: what arrived, decrypted (``b""`` when
+        the peer closed), or None when nothing has (or, with TLS, nothing whole yet)."""
         try:
             # fileno() is -1 once the socket is closed: EBADF, never someone else's fd.
             data = os.read(self.fileno(), _READ)
@@ -99,28 +98,24 @@ class Connection:
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         self._drained = len(data) < _READ
-        return data
+        if self.tls is None:
+            return data
+        try:
+            return self.tls.decrypt(data)
+        except ssl.SSLError as exc:
+            raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
 
     def dropped(self) -> bool:
         """Whether an idle connection was closed by the server (or sent something
         unasked): readable while idle means it cannot carry another request."""
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if not isinstance(stream, trio.SocketStream):
-            return True
         try:
-            return stream.socket.is_readable()
+            return self.stream.socket.is_readable()
         except OSError:
             return True
 
     def close(self) -> None:
         """Close at once, without a TLS goodbye (the connection is being abandoned)."""
-        stream = self.stream
-        while isinstance(stream, trio.SSLStream):
-            stream = stream.transport_stream
-        if isinstance(stream, trio.SocketStream):
-            stream.socket.close()
+        self.stream.socket.close()
 
 
 def encode_request(request: httpx.Request) -> bytes:
@@ -214,11 +209,11 @@ class BodyReader:
             self._conn.buffer += data
 
     def fileno(self) -> int:
-        """The socket to wait on for ``read_now`` (-1: TLS, read with ``next`` only)."""
+        """The socket to wait on for ``read_now`` (-1 once closed)."""
         return self._conn.fileno()
 
     def read_now(self) -> bytes:
-        """``next`` without waiting, for a plain socket that is readable: the body's
+        """``next`` without waiting, for a socket that is readable: the body's
         next bytes, or ``b""`` when none are complete yet or the body has ended (see
         ``done``). At most one system call."""
         part = self._take()

@@ -15,10 +15,11 @@ open; idle ones are kept (no expiry) and checked before reuse (one closed by the
 reads as readable). A reused connection that fails while the request is written is
 dropped and the request is sent once on a fresh one (the server had closed it; nothing
 was processed). Connect and TLS set-up have ``connect_timeout_s``; reads have no timeout
-of their own (the gateway's cancel scopes bound first byte and idle time). Errors are
-httpx's, chained to their causes.
+of their own (the gateway's cancel scopes bound first byte and idle time). TLS is
+``workers.upstream_tls`` (over memory buffers, so ``workers.pump`` can read https bodies
+too). Errors are httpx's, chained to their causes.
 
-Imports nothing from the gateway.
+Imports nothing from the gateway but its own ``upstream_http`` and ``upstream_tls``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import httpx
 import trio
 
 from workers.upstream_http import BodyReader, Connection, encode_request, read_head
+from workers.upstream_tls import Tls
 
 _PORTS = {b"http": 80, b"https": 443}
 
@@ -65,7 +67,7 @@ class _Body(httpx.AsyncByteStream):
 
     def direct_reader(self) -> BodyReader | None:
         """The body's reader, for reading without waiting (``BodyReader.read_now``),
-        when the body has not been iterated and its socket is plain; else None."""
+        when the body has not been iterated; else None."""
         reader = self._reader
         return reader if not self._released and reader.fileno() >= 0 else None
 
@@ -131,22 +133,21 @@ class LeanTransport(httpx.AsyncBaseTransport):
         name = host.decode("ascii")
         try:
             with trio.fail_after(self._connect_timeout_s):
-                stream: trio.abc.Stream = await trio.open_tcp_stream(name, port)
+                stream = await trio.open_tcp_stream(name, port)
                 self._open += 1
+                conn = Connection(origin, stream)
                 if scheme == b"https":
-                    tls = trio.SSLStream(stream, self._tls, server_hostname=name,
-                                         https_compatible=True)
+                    conn.tls = Tls(self._tls, name)
                     try:
-                        await tls.do_handshake()
+                        await conn.tls.handshake(stream)
                     except BaseException:
-                        self._discard(Connection(origin, stream))
+                        self._discard(conn)
                         raise
-                    stream = tls
         except trio.TooSlowError as exc:
             raise httpx.ConnectTimeout("connect timed out") from exc
         except (OSError, ssl.SSLError, trio.BrokenResourceError) as exc:
             raise httpx.ConnectError(str(exc) or "connect failed") from exc
-        return Connection(origin, stream)
+        return conn
 
     def _evict(self) -> None:
         """Close one idle connection (to any origin) to make room for a new one."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import socket
+import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
+from tests.tls import self_signed
 from tests.unit.workers.helpers import delta, make_job, sse, usage_chunk
 from workers import relay
 from workers.failure import Failure, FailureClass
@@ -31,6 +33,7 @@ from workers.tokens import Usage
 from workers.upstream import UpstreamResponse
 from workers.upstream_http import BodyReader, Connection, read_head
 from workers.upstream_net import _Body
+from workers.upstream_tls import Tls
 
 HELLO = sse(delta("Hello"))
 WORLD = sse(delta(" world"))
@@ -90,31 +93,85 @@ class Sink:
             await self.send(data)
 
 
-async def _play(peer: trio.socket.SocketType, script: list[bytes | float | object]) -> None:
+class Wire(trio.abc.Stream):
+    """The server's socket, under its TLS: sends ``trickle`` bytes at a time a
+    millisecond apart when set (records then arrive in pieces, and a read may complete
+    none of them), and keeps what is sent while ``held`` to send it in one write."""
+
+    def __init__(self, inner: trio.SocketStream, trickle: int) -> None:
+        self.inner, self.trickle = inner, trickle
+        self.held: bytearray | None = None
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        if self.held is not None:
+            self.held += data
+            return
+        size = self.trickle or len(data)
+        for at in range(0, len(data), size):
+            await self.inner.send_all(data[at : at + size])
+            if self.trickle:
+                await trio.sleep(0.001)
+
+    async def release(self) -> None:
+        held, self.held = self.held, None
+        if held:
+            await self.send_all(held)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(max_bytes)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+Step = bytes | float | object | tuple[bytes, ...]
+
+
+async def _play(peer: trio.socket.SocketType, script: list[Step],
+                tls: ssl.SSLContext | None, trickle: int) -> None:
+    """Send ``script``: bytes, pauses (float), ``CLOSE``, and tuples whose parts go in
+    one write (over TLS, one record each)."""
+    wire = Wire(trio.SocketStream(peer), trickle)
+    stream: trio.abc.Stream = wire if tls is None else trio.SSLStream(wire, tls,
+                                                                     server_side=True)
     for step in script:
         if step is CLOSE:
-            peer.close()
+            peer.close()  # with TLS: no close_notify, as servers often end
             return
         if isinstance(step, float):
             await trio.sleep(step)
+        elif isinstance(step, tuple):
+            wire.held = bytearray()
+            for part in step:
+                await stream.send_all(part)
+            await wire.release()
         else:
             assert isinstance(step, bytes)
-            await peer.send(step)
+            await stream.send_all(step)
     await trio.sleep_forever()
 
 
 @asynccontextmanager
-async def upstream(*script: bytes | float | object) -> AsyncIterator[
-        tuple[UpstreamResponse, Released]]:
-    """A response whose head and body come from ``script`` over a real socket."""
+async def upstream(*script: Step, tls: bool = False, trickle: int = 0,
+                   ) -> AsyncIterator[tuple[UpstreamResponse, Released]]:
+    """A response whose head and body come from ``script`` over a real socket, through
+    TLS (``workers.upstream_tls``) when ``tls``, ``trickle`` bytes at a time if set."""
     ours, theirs = socket.socketpair()
     ours.setblocking(False)
-    conn = Connection((b"http", b"upstream.test", 80),
-                      trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+    conn = Connection((b"https" if tls else b"http", b"localhost", 443 if tls else 80),
+                      stream)
     peer = trio.socket.from_stdlib_socket(theirs)
+    server_tls, client_tls = self_signed() if tls else (None, None)
     released = Released()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_play, peer, [HEAD, *script])
+        nursery.start_soon(_play, peer, [HEAD, *script], server_tls, trickle)
+        if client_tls is not None:
+            conn.tls = Tls(client_tls, "localhost")
+            await conn.tls.handshake(stream)
         status, headers, keep = await read_head(conn)
         body = _Body(released, conn, BodyReader(conn, status, headers, keep))  # type: ignore[arg-type]
         response = httpx.Response(status, headers=headers, stream=body)
@@ -127,8 +184,8 @@ async def upstream(*script: bytes | float | object) -> AsyncIterator[
 
 @asynccontextmanager
 async def reading(mode: str) -> AsyncIterator[ReadPump | None]:
-    """The pump (running) for ``mode == "pump"``, None for the stream's own task."""
-    if mode != "pump":
+    """The pump (running) for the "pump" modes, None for the stream's own task."""
+    if not mode.startswith("pump"):
         yield None
         return
     pump = ReadPump()
@@ -139,16 +196,21 @@ async def reading(mode: str) -> AsyncIterator[ReadPump | None]:
         nursery.cancel_scope.cancel()
 
 
-MODES = pytest.mark.parametrize("mode", ["pump", "own"])
+# Each way of reading, over a plain socket and over TLS (``workers.upstream_tls``).
+MODES = pytest.mark.parametrize("mode", ["pump", "own", "pump-tls", "own-tls"])
 
 
-async def _relay(mode: str, sink: Sink, *script: bytes | float | object,
+def tls(mode: str) -> bool:
+    return mode.endswith("-tls")
+
+
+async def _relay(mode: str, sink: Sink, *script: Step,
                  token_budget: int | None = None) -> tuple[Failure | None, Released, Job]:
     job, _ = make_job(stream=True, token_budget=token_budget)
     job.sink = sink
-    async with reading(mode) as pump, upstream(*script) as (response, released):
+    async with reading(mode) as pump, upstream(*script, tls=tls(mode)) as (response, released):
         failure = await relay_body(job, response, IDLE_S, 30.0, pump)
-    if mode == "pump" and sink.writes_now and sink.received:
+    if pump is not None and sink.writes_now and sink.received:
         assert sink.tried > 0  # the pump's way was taken
     return failure, released, job
 
@@ -170,6 +232,47 @@ async def test_events_go_through_unchanged_in_order_and_the_connection_is_reusab
     assert released.reusable == [True]
 
 
+@pytest.mark.parametrize("mode", ["pump-tls", "own-tls"])
+async def test_tls_records_that_arrive_in_pieces_are_relayed_once_whole(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    """Seven bytes of ciphertext a millisecond: most reads complete no record (nothing
+    to relay yet, and nothing left behind in the TLS state when the socket is empty)."""
+    job, _ = make_job(stream=True)
+    sink = Sink()
+    job.sink = sink
+    script = [frame(HELLO), 0.05, frame(WORLD) + frame(USAGE), 0.05, frame(DONE) + END]
+    async with reading(mode) as pump, upstream(*script, tls=True, trickle=7) as (
+            response, released):
+        failure = await relay_body(job, response, IDLE_S, 30.0, pump)
+    assert failure is None
+    assert sink.received == [HELLO, WORLD, DONE]
+    assert job.known_usage is not None
+    assert job.known_usage.completion_tokens == 3
+    assert released.reusable == [True]
+    if pump is not None:
+        assert sink.tried == 3
+
+
+@pytest.mark.parametrize("mode", ["pump-tls", "own-tls"])
+async def test_tls_records_that_arrive_together_are_all_decrypted_at_once(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    """Three records in one socket read: all their plaintext is taken, none is left in
+    the TLS state where a readable-socket wait would never see it."""
+    job, _ = make_job(stream=True)
+    sink = Sink()
+    job.sink = sink
+    script = [frame(HELLO), 0.05, (frame(WORLD), frame(USAGE), frame(DONE) + END)]
+    started = trio.current_time()
+    async with reading(mode) as pump, upstream(*script, tls=True) as (response, released):
+        failure = await relay_body(job, response, IDLE_S, 30.0, pump)
+    assert failure is None
+    assert trio.current_time() - started < 1.0  # no wait for bytes that had come
+    assert b"".join(sink.received) == HELLO + WORLD + DONE
+    assert released.reusable == [True]
+
+
 @MODES
 async def test_bytes_the_client_could_not_take_at_once_follow_in_order(
     mode: str, autojump_clock: MockClock,
@@ -183,7 +286,7 @@ async def test_bytes_the_client_could_not_take_at_once_follow_in_order(
     assert failure is None
     assert sink.received == events
     assert released.reusable == [True]
-    if mode == "pump":
+    if mode.startswith("pump"):
         assert sink.flushed == 3
 
 
@@ -283,7 +386,7 @@ async def test_cancelling_the_relay_takes_its_socket_out_of_the_pump(
     job, _ = make_job(stream=True)
     sink = Sink()
     job.sink = sink
-    async with reading(mode) as pump, upstream(frame(HELLO), 0.01, frame(WORLD)) as (
+    async with reading(mode) as pump, upstream(frame(HELLO), 0.01, frame(WORLD), tls=tls(mode)) as (
             response, released):
         with trio.move_on_after(1.0):
             await relay_body(job, response, IDLE_S, 30.0, pump)
@@ -339,7 +442,8 @@ async def test_a_client_that_leaves_right_after_done_is_billed_the_upstreams_usa
     sink.send = leaving_send  # type: ignore[method-assign]
     job.sink = sink
     async with reading(mode) as pump, upstream(
-            frame(HELLO), 0.01, frame(USAGE) + frame(DONE) + END) as (response, _released):
+            frame(HELLO), 0.01, frame(USAGE) + frame(DONE) + END, tls=tls(mode),
+    ) as (response, _released):
         with trio.CancelScope() as scope:
             job.attach(scope)
             await relay_body(job, response, IDLE_S, 30.0, pump)

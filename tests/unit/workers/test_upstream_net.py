@@ -4,23 +4,18 @@ The servers here are raw sockets, so each test says exactly what bytes the upstr
 
 from __future__ import annotations
 
-import datetime
 import ssl
 import subprocess
 import sys
 from collections.abc import AsyncGenerator, Awaitable, Callable
 from functools import partial
-from pathlib import Path
 from typing import cast
 
 import httpx
 import pytest
 import trio
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
+from tests.tls import self_signed
 from workers.upstream_net import LeanTransport
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
@@ -285,33 +280,8 @@ async def test_an_abandoned_body_closes_its_connection_and_frees_its_slot() -> N
     assert connections == 2  # a half-read body's connection is never reused
 
 
-def _self_signed(tmp_path: Path) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """(server context, client context trusting it) for the name ``localhost``."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder().subject_name(name).issuer_name(name)
-        .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(hours=1))
-        .add_extension(x509.SubjectAlternativeName([x509.DNSName("localhost")]), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_file.write_bytes(key.private_bytes(serialization.Encoding.PEM,
-                                           serialization.PrivateFormat.PKCS8,
-                                           serialization.NoEncryption()))
-    server = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    server.load_cert_chain(cert_file, key_file)
-    client = ssl.create_default_context(cafile=str(cert_file))
-    return server, client
-
-
-async def test_https_streams_and_reuses_the_tls_connection(tmp_path: Path) -> None:
-    server_tls, client_tls = _self_signed(tmp_path)
+async def test_https_streams_and_reuses_the_tls_connection() -> None:
+    server_tls, client_tls = self_signed()
     connections = 0
 
     async def handler(stream: trio.SSLStream[trio.SocketStream]) -> None:
