@@ -439,11 +439,15 @@ async def run_mock_upstream(
         task_status.started(int(binds[0].rsplit(":", 1)[1]))
 
 
-async def _serve_and_announce(config: MockConfig, host: str, port: int) -> None:
+async def _serve_and_announce(
+    config: MockConfig, host: str, port: int, tls: tuple[str, str] | None
+) -> None:
     async with trio.open_nursery() as nursery:
-        bound = await nursery.start(partial(run_mock_upstream, config, host=host, port=port))
+        bound = await nursery.start(partial(run_mock_upstream, config, host=host, port=port,
+                                            tls=tls))
         shown = f"[{host}]" if ":" in host else host
-        print(f"mock upstream listening on http://{shown}:{bound}/v1", flush=True)
+        scheme = "https" if tls else "http"
+        print(f"mock upstream listening on {scheme}://{shown}:{bound}/v1", flush=True)
         # Ctrl-C or SIGTERM stops serving by cancellation, so the CLI exits quietly.
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for _ in signals:
@@ -462,14 +466,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunk-delay-ms", type=float, default=0.0, help="delay between chunks")
     parser.add_argument("--chunks", type=int, default=20, help="completion tokens per answer")
     parser.add_argument("--embedding-dim", type=int, default=8)
+    parser.add_argument("--certfile", help="serve https with this certificate (PEM)")
+    parser.add_argument("--keyfile", help="and this private key (PEM)")
     args = parser.parse_args(argv)
+    if bool(args.certfile) != bool(args.keyfile):
+        parser.error("--certfile and --keyfile go together")
     config = MockConfig(
         ttft_ms=args.ttft_ms,
         chunk_delay_ms=args.chunk_delay_ms,
         chunk_count=args.chunks,
         embedding_dim=args.embedding_dim,
     )
-    trio.run(_serve_and_announce, config, args.host, args.port)
+    tls = (args.certfile, args.keyfile) if args.certfile else None
+    trio.run(_serve_and_announce, config, args.host, args.port, tls)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ from loadtest.bench.stats import (
     pool_rounds,
     read_cpu_ticks,
 )
+from loadtest.self_signed import write_pem
 
 SCENARIOS: dict[str, dict[str, Any]] = {
     "nonstream": {"stream": False, "mock": {"chunks": 20, "ttft_ms": 0, "chunk_delay_ms": 0}},
@@ -111,6 +112,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="the upstream: the Python mock's answers replayed by a small C"
                         " server (default; the Python mock when no C compiler is found), or"
                         " the Python mock itself")
+    parser.add_argument("--mock-tls", action="store_true",
+                        help="the Python mock over https (a self-signed certificate the"
+                        " gateway is told to trust): measures reading TLS upstreams; the"
+                        " generator speaks plain HTTP, so only the gateway target")
     parser.add_argument("--gen", choices=("native", "python"), default="native",
                         help="the load generator: the closed loop in C (default; the Python"
                         " one when no C compiler is found), or in Python")
@@ -143,6 +148,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.targets.append("compare")
     if "compare" in args.targets and not args.compare_url:
         parser.error("the compare target needs --compare-url")
+    if args.mock_tls and args.targets != ["gateway"]:
+        parser.error("--mock-tls measures the gateway alone (--targets gateway)")
     return args
 
 
@@ -283,9 +290,17 @@ def main(argv: list[str] | None = None) -> None:
             binary = compile_c(NATIVE_GEN, workdir)
             args.native_gen = str(binary) if binary else None
         print(f"load generator: {'native' if args.native_gen else 'python'}", flush=True)
-        mock = start_bench_mock(workdir, args.mock, args.mock_port)
+        upstream_env: dict[str, str] = {}
+        if args.mock_tls:
+            cert, key = write_pem(workdir)
+            mock = start_mock(workdir, args.mock_port, tls=(cert, key))
+            mock_url = f"https://localhost:{mock.port}"
+            upstream_env["SSL_CERT_FILE"] = str(cert)  # the gateway trusts it
+        else:
+            mock = start_bench_mock(workdir, args.mock, args.mock_port)
+            mock_url = mock.url
         stack.callback(mock.stop)
-        print(f"mock upstream  {mock.url}/v1  (pid {mock.pid}, {mock.name})", flush=True)
+        print(f"mock upstream  {mock_url}/v1  (pid {mock.pid}, {mock.name})", flush=True)
         targets: list[Target] = []
         for name in args.targets:
             if name == "direct":
@@ -298,8 +313,8 @@ def main(argv: list[str] | None = None) -> None:
                 targets.append(Target("relay", "127.0.0.1", relay.port, "/v1", None, MODEL,
                                       {"relay": relay.pid, "mock": mock.pid}, "relay"))
             elif name == "gateway":
-                gateway = start_gateway(workdir, mock.url, args.gateway_workers,
-                                        settings=dict(args.set))
+                gateway = start_gateway(workdir, mock_url, args.gateway_workers,
+                                        settings={**dict(args.set), **upstream_env})
                 stack.callback(shutil.rmtree, gateway.data_dir, True)
                 stack.callback(gateway.stop)
                 watch = gateway.watch(mock)

@@ -120,10 +120,14 @@ def launch(name: str, command: list[str], port: int, workdir: Path,
     return server
 
 
-def start_mock(workdir: Path, port: int | None = None) -> Server:
+def start_mock(workdir: Path, port: int | None = None,
+               tls: tuple[Path, Path] | None = None) -> Server:
+    """The Python mock; over https with ``tls`` (certificate and key files)."""
     port = port or free_port()
-    return start_server("mock", ["-m", "loadtest.mock_upstream", "--port", str(port)],
-                        port, workdir)
+    argv = ["-m", "loadtest.mock_upstream", "--port", str(port)]
+    if tls is not None:
+        argv += ["--certfile", str(tls[0]), "--keyfile", str(tls[1])]
+    return start_server("mock", argv, port, workdir)
 
 
 def start_relay(workdir: Path, upstream: str) -> Server:
@@ -182,8 +186,9 @@ def start_gateway(workdir: Path, mock_url: str, workers: int = 1, *,
 
     With ``workers`` > 1 the CPU figures add up the supervisor and its workers; the RSS
     figure is still the supervisor's alone.
-    ``max_concurrency`` is the mock upstream key's; ``settings`` are extra ``AIRGATE_*``
-    environment variables (e.g. ``{"AIRGATE_MAX_WAITING_REQUESTS": "20000"}``)."""
+    ``max_concurrency`` is the mock upstream key's; ``settings`` are extra environment
+    variables: ``AIRGATE_*`` settings (e.g. ``{"AIRGATE_MAX_WAITING_REQUESTS": "20000"}``),
+    or ``SSL_CERT_FILE`` to trust an https mock's certificate."""
     port = free_port()
     data_dir = reachable_tmp_dir("airgate-bench-db-")
     admin = {"email": "bench-admin@airgate.local", "password": secrets.token_hex(12)}

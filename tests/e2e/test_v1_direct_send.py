@@ -17,8 +17,8 @@ import trio
 
 from loadtest.mock_shapes import MockConfig
 from loadtest.mock_upstream import run_mock_upstream
+from loadtest.self_signed import write_pem
 from tests.e2e.conftest import Harness, gateway_settings, in_thread, start_gateway
-from tests.tls import write_pem
 from workers import relay
 
 CHAT = [{"role": "user", "content": "say hello to the gateway"}]

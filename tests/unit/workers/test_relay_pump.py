@@ -21,7 +21,7 @@ import pytest
 import trio
 from trio.testing import MockClock
 
-from tests.tls import self_signed
+from loadtest.self_signed import self_signed
 from tests.unit.workers.helpers import delta, make_job, sse, usage_chunk
 from workers import relay
 from workers.failure import Failure, FailureClass

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import trio
 
-from tests.tls import self_signed
+from loadtest.self_signed import self_signed
 from workers.upstream_net import LeanTransport
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]

@@ -1,4 +1,5 @@
-"""A self-signed certificate for ``localhost``, and TLS contexts that use it."""
+"""A self-signed certificate for ``localhost``, and TLS contexts that use it: for an
+https mock upstream (the bench's ``--mock-tls``, and tests). Made once per process."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from cryptography.x509.oid import NameOID
 
 @functools.cache
 def _pem() -> tuple[bytes, bytes]:
-    """(certificate, private key) in PEM, made once per test run."""
+    """(certificate, private key) in PEM."""
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
     now = datetime.datetime.now(datetime.UTC)
