@@ -11,7 +11,6 @@ test passes): the gateway needs none of ``httpx.AsyncClient``'s per-request mach
 from __future__ import annotations
 
 import errno
-import ssl
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import aclosing, asynccontextmanager
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ import httpx
 from workers.failure import LOCAL_RESOURCES, Failure, FailureClass, classify
 from workers.upstream_http import BodyReader
 from workers.upstream_net import LeanTransport
+from workers.upstream_tls import upstream_tls_context
 
 
 class TransportFailure(Exception):
@@ -147,7 +147,7 @@ class UpstreamClient:
         connection.
         """
         self._pool = transport if transport is not None else LeanTransport(
-            tls=ssl.create_default_context(), max_connections=max_connections,
+            tls=upstream_tls_context(), max_connections=max_connections,
             connect_timeout_s=connect_timeout_s)
         self._urls: dict[str, httpx.URL] = {}
 

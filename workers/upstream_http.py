@@ -33,7 +33,7 @@ class Connection:
     """A connected socket, its TLS when the origin is https, and the bytes read past the
     last response."""
 
-    __slots__ = ("_drained", "buffer", "origin", "stream", "tls")
+    __slots__ = ("_drained", "_unsent", "buffer", "origin", "stream", "tls")
 
     def __init__(self, origin: tuple[bytes, bytes, int], stream: trio.SocketStream,
                  tls: Tls | None = None) -> None:
@@ -41,6 +41,7 @@ class Connection:
         self.stream = stream
         self.tls = tls
         self.buffer = bytearray()
+        self._unsent = b""  # TLS bytes that reading produced and the socket did not take
         # The last read took all there was: the next waits for more before reading.
         # (A response never follows its request at once, so a new connection starts so.)
         self._drained = True
@@ -51,7 +52,8 @@ class Connection:
         stream = self.stream
         try:
             if self.tls is not None:
-                data = self.tls.encrypt(data)
+                data = self._unsent + self.tls.encrypt(data)
+                self._unsent = b""
             try:
                 sent = os.write(stream.socket.fileno(), data)  # -1 once closed
             except BlockingIOError:
@@ -68,6 +70,9 @@ class Connection:
         after the wait) through several wrappers: when the last read emptied the socket,
         wait for it first. A read that did not wait yields once, as trio's would, so
         that a fast upstream cannot keep the loop to itself."""
+        if self.ended:
+            await trio.lowlevel.checkpoint()
+            return b""
         sock = self.stream.socket
         waited = False
         try:
@@ -87,9 +92,17 @@ class Connection:
         """The socket to wait on for ``read_now`` (-1 once closed)."""
         return self.stream.socket.fileno()
 
+    @property
+    def ended(self) -> bool:
+        """The peer ended TLS (in a read that may also have brought data): there is
+        nothing more to read, whether or not the socket is still open."""
+        return self.tls is not None and self.tls.closed
+
     def read_now(self) -> bytes | None:
         """One read of the socket, without waiting: what arrived, decrypted (``b""`` when
         the peer closed), or None when nothing has (or, with TLS, nothing whole yet)."""
+        if self.ended:
+            return b""
         try:
             # fileno() is -1 once the socket is closed: EBADF, never someone else's fd.
             data = os.read(self.fileno(), _READ)
@@ -98,16 +111,32 @@ class Connection:
         except OSError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
         self._drained = len(data) < _READ
-        if self.tls is None:
+        tls = self.tls
+        if tls is None:
             return data
         try:
-            return self.tls.decrypt(data)
+            plain = tls.decrypt(data)
         except ssl.SSLError as exc:
             raise httpx.ReadError(str(exc) or type(exc).__name__) from exc
+        if tls.to_send:
+            self._send_now(tls.take_outgoing())
+        return plain
+
+    def _send_now(self, data: bytes) -> None:
+        """What the socket takes of ``data`` now; the rest goes before the next write."""
+        try:
+            sent = os.write(self.fileno(), self._unsent + data)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            return  # a broken connection: the next read or write says so
+        self._unsent = (self._unsent + data)[sent:]
 
     def dropped(self) -> bool:
         """Whether an idle connection was closed by the server (or sent something
         unasked): readable while idle means it cannot carry another request."""
+        if self.ended:
+            return True
         try:
             return self.stream.socket.is_readable()
         except OSError:
@@ -219,14 +248,20 @@ class BodyReader:
         part = self._take()
         if part or self.done:
             return part
-        data = self._conn.read_now()
+        conn = self._conn
+        data = conn.read_now()
         if data is None:
             return b""
         if not data:
             self._connection_ended()
             return b""
-        self._conn.buffer += data
-        return self._take()
+        conn.buffer += data
+        part = self._take()
+        if conn.ended and not self.done:
+            # The peer ended TLS in the read that brought these bytes: no readiness
+            # will come for the end, so it is taken now (an error for a cut body).
+            self._connection_ended()
+        return part
 
     def _connection_ended(self) -> None:
         """The peer closed: the end of a body that runs up to it, else an error."""

@@ -8,6 +8,7 @@ behaviour is checked in both ways of reading, which must give the same result.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import socket
 import ssl
@@ -55,9 +56,11 @@ class Released:
     """Stands in for the connection pool: what the body gave back."""
 
     reusable: list[bool] = field(default_factory=list)
+    conns: list[Connection] = field(default_factory=list)
 
     def release(self, conn: Connection, reusable: bool) -> None:
         self.reusable.append(reusable)
+        self.conns.append(conn)
 
 
 @dataclass
@@ -93,50 +96,56 @@ class Sink:
             await self.send(data)
 
 
-class Wire(trio.abc.Stream):
-    """The server's socket, under its TLS: sends ``trickle`` bytes at a time a
-    millisecond apart when set (records then arrive in pieces, and a read may complete
-    none of them), and keeps what is sent while ``held`` to send it in one write."""
+class Wire:
+    """The upstream's socket: sends ``trickle`` bytes at a time a millisecond apart when
+    set (TLS records then arrive in pieces, and a read may complete none of them)."""
 
     def __init__(self, inner: trio.SocketStream, trickle: int) -> None:
         self.inner, self.trickle = inner, trickle
-        self.held: bytearray | None = None
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        if self.held is not None:
-            self.held += data
-            return
+    async def send_all(self, data: bytes) -> None:
         size = self.trickle or len(data)
         for at in range(0, len(data), size):
             await self.inner.send_all(data[at : at + size])
             if self.trickle:
                 await trio.sleep(0.001)
 
-    async def release(self) -> None:
-        held, self.held = self.held, None
-        if held:
-            await self.send_all(held)
 
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
+class ServerTls(Tls):
+    """The upstream's side of TLS: ``encrypt`` makes a record, ``notify`` a close_notify
+    (after which the upstream keeps its socket open, waiting for ours, as many do)."""
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        return await self.inner.receive_some(max_bytes)
+    def __init__(self, context: ssl.SSLContext) -> None:  # not Tls's: that makes a client
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._object = context.wrap_bio(self._incoming, self._outgoing, server_side=True)
+        self.closed = False
 
-    async def aclose(self) -> None:
-        await self.inner.aclose()
+    def notify(self) -> bytes:
+        with contextlib.suppress(ssl.SSLWantReadError):  # it would wait for ours
+            self._object.unwrap()
+        return self._outgoing.read()
 
 
-Step = bytes | float | object | tuple[bytes, ...]
+NOTIFY = object()  # in a script, over TLS: close_notify, the socket left open
+Step = bytes | float | object | tuple[bytes | object, ...]
 
 
 async def _play(peer: trio.socket.SocketType, script: list[Step],
                 tls: ssl.SSLContext | None, trickle: int) -> None:
-    """Send ``script``: bytes, pauses (float), ``CLOSE``, and tuples whose parts go in
-    one write (over TLS, one record each)."""
+    """Send ``script``: bytes, pauses (float), ``CLOSE``, ``NOTIFY``, and tuples whose
+    parts go in one write (over TLS, one record each)."""
     wire = Wire(trio.SocketStream(peer), trickle)
-    stream: trio.abc.Stream = wire if tls is None else trio.SSLStream(wire, tls,
-                                                                     server_side=True)
+    server = ServerTls(tls) if tls is not None else None
+    if server is not None:
+        await server.handshake(wire.inner)
+
+    def seal(part: bytes | object) -> bytes:
+        if part is NOTIFY:
+            assert server is not None
+            return server.notify()
+        assert isinstance(part, bytes)
+        return part if server is None else server.encrypt(part)
+
     for step in script:
         if step is CLOSE:
             peer.close()  # with TLS: no close_notify, as servers often end
@@ -144,18 +153,14 @@ async def _play(peer: trio.socket.SocketType, script: list[Step],
         if isinstance(step, float):
             await trio.sleep(step)
         elif isinstance(step, tuple):
-            wire.held = bytearray()
-            for part in step:
-                await stream.send_all(part)
-            await wire.release()
+            await wire.send_all(b"".join(seal(part) for part in step))
         else:
-            assert isinstance(step, bytes)
-            await stream.send_all(step)
+            await wire.send_all(seal(step))
     await trio.sleep_forever()
 
 
 @asynccontextmanager
-async def upstream(*script: Step, tls: bool = False, trickle: int = 0,
+async def upstream(*script: Step, tls: bool = False, trickle: int = 0, head: bytes = HEAD,
                    ) -> AsyncIterator[tuple[UpstreamResponse, Released]]:
     """A response whose head and body come from ``script`` over a real socket, through
     TLS (``workers.upstream_tls``) when ``tls``, ``trickle`` bytes at a time if set."""
@@ -168,7 +173,7 @@ async def upstream(*script: Step, tls: bool = False, trickle: int = 0,
     server_tls, client_tls = self_signed() if tls else (None, None)
     released = Released()
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_play, peer, [HEAD, *script], server_tls, trickle)
+        nursery.start_soon(_play, peer, [head, *script], server_tls, trickle)
         if client_tls is not None:
             conn.tls = Tls(client_tls, "localhost")
             await conn.tls.handshake(stream)
@@ -271,6 +276,54 @@ async def test_tls_records_that_arrive_together_are_all_decrypted_at_once(
     assert trio.current_time() - started < 1.0  # no wait for bytes that had come
     assert b"".join(sink.received) == HELLO + WORLD + DONE
     assert released.reusable == [True]
+
+
+@pytest.mark.parametrize("mode", ["pump-tls", "own-tls"])
+async def test_a_close_notify_read_with_the_last_bytes_ends_a_cut_body_at_once(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    """The upstream ends TLS in the same write as its last bytes and keeps the socket
+    open: no read will follow, so the end is taken with those bytes (a failure, not the
+    idle timeout, since the body was cut before [DONE])."""
+    started = trio.current_time()
+    failure, released, _ = await _relay(mode, Sink(), frame(HELLO), 0.01,
+                                        (frame(WORLD), NOTIFY))
+    assert trio.current_time() - started < 1.0
+    assert failure is not None
+    assert failure.kind is not FailureClass.TIMEOUT
+    assert released.reusable == [False]
+
+
+@pytest.mark.parametrize("mode", ["pump-tls", "own-tls"])
+async def test_a_body_that_runs_to_a_close_notify_ends_there(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    """No length, no chunks: the body ends with the connection, here a close_notify in
+    the write that carries [DONE], the socket left open."""
+    job, _ = make_job(stream=True)
+    sink = Sink()
+    job.sink = sink
+    unframed = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+    started = trio.current_time()
+    async with reading(mode) as pump, upstream(HELLO, 0.01, (DONE, NOTIFY), tls=True,
+                                               head=unframed) as (response, released):
+        failure = await relay_body(job, response, IDLE_S, 30.0, pump)
+    assert failure is None
+    assert trio.current_time() - started < 1.0
+    assert b"".join(sink.received) == HELLO + DONE
+    assert released.reusable == [False]
+
+
+@pytest.mark.parametrize("mode", ["pump-tls", "own-tls"])
+async def test_a_connection_whose_tls_ended_with_its_body_is_not_reused(
+    mode: str, autojump_clock: MockClock,
+) -> None:
+    sink = Sink()
+    failure, released, _ = await _relay(mode, sink, frame(HELLO), 0.01,
+                                        (frame(DONE) + END, NOTIFY))
+    assert failure is None
+    assert sink.received == [HELLO, DONE]
+    assert released.conns[0].dropped()  # the pool discards it instead of reusing it
 
 
 @MODES

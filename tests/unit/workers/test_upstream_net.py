@@ -17,6 +17,7 @@ import trio
 
 from loadtest.self_signed import self_signed
 from workers.upstream_net import LeanTransport
+from workers.upstream_tls import upstream_tls_context
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -312,3 +313,12 @@ async def test_https_streams_and_reuses_the_tls_connection() -> None:
         await transport.aclose()
         nursery.cancel_scope.cancel()
     assert connections == 2  # one reused for both requests, one refused by the client
+
+
+def test_the_upstream_context_checks_names_and_refuses_renegotiation() -> None:
+    """A server's TLS 1.2 renegotiation mid-response would wait for an answer that a
+    pumped connection sends only with its next request: refused outright instead."""
+    context = upstream_tls_context()
+    assert context.check_hostname
+    assert context.verify_mode == ssl.CERT_REQUIRED
+    assert context.options & ssl.OP_NO_RENEGOTIATION
