@@ -4,6 +4,8 @@ The servers here are raw sockets, so each test says exactly what bytes the upstr
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import ssl
 import subprocess
 import sys
@@ -16,8 +18,9 @@ import pytest
 import trio
 
 from loadtest.self_signed import self_signed
+from workers.upstream_http import Connection
 from workers.upstream_net import LeanTransport
-from workers.upstream_tls import upstream_tls_context
+from workers.upstream_tls import Tls, upstream_tls_context
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -322,3 +325,59 @@ def test_the_upstream_context_checks_names_and_refuses_renegotiation() -> None:
     assert context.check_hostname
     assert context.verify_mode == ssl.CERT_REQUIRED
     assert context.options & ssl.OP_NO_RENEGOTIATION
+
+
+class _AnsweringTls:
+    """Stands in for ``Tls``: every read's record makes the connection owe the peer an
+    answer (as a TLS 1.3 key update does); ``encrypt`` is the identity."""
+
+    closed = False
+
+    def __init__(self) -> None:
+        self.owed = b""
+
+    def decrypt(self, raw: bytes) -> bytes | None:
+        self.owed += b"<answer>"
+        return raw
+
+    @property
+    def to_send(self) -> bool:
+        return bool(self.owed)
+
+    def take_outgoing(self) -> bytes:
+        owed, self.owed = self.owed, b""
+        return owed
+
+    def encrypt(self, data: bytes) -> bytes:
+        return data
+
+
+async def test_what_reading_tls_owes_the_peer_is_sent_at_once_or_before_the_next_request(
+) -> None:
+    ours, theirs = socket.socketpair()
+    ours.setblocking(False)
+    theirs.setblocking(False)
+    conn = Connection((b"https", b"localhost", 443),
+                      trio.SocketStream(trio.socket.from_stdlib_socket(ours)))
+    conn.tls = cast(Tls, _AnsweringTls())
+    theirs.send(b"record")
+    assert conn.read_now() == b"record"
+    assert theirs.recv(100) == b"<answer>"  # sent in the same call, no task involved
+    # Our socket full: the answer waits, and leaves ahead of the next request's bytes.
+    while True:
+        try:
+            ours.send(b"." * 65536)
+        except BlockingIOError:
+            break
+    theirs.send(b"record")
+    assert conn.read_now() == b"record"
+    received = bytearray()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(conn.write, b"REQUEST")
+        while not received.endswith(b"REQUEST"):
+            await trio.sleep(0.001)
+            with contextlib.suppress(BlockingIOError):
+                received += theirs.recv(1 << 20)
+    assert received.lstrip(b".") == b"<answer>REQUEST"
+    ours.close()
+    theirs.close()
