@@ -69,6 +69,8 @@ class DirectSendServer(TCPServer):
     :func:`configure` with ``direct_send=True``.
     """
 
+    ended = False  # the connection is over and unlinked: writes do nothing
+
     def __init__(self, app: Any, config: Config, context: Any, state: Any,
                  stream: Any) -> None:
         super().__init__(app, config, context, state, stream)
@@ -95,8 +97,13 @@ class DirectSendServer(TCPServer):
                 if owner is not None:
                     vars(owner).pop(name, None)
             self.__dict__.clear()
+            # A stream's writer may still hold this server (its relay ends later): what
+            # it writes now goes nowhere, as hypercorn drops writes to a closed socket.
+            self.ended = True
 
     async def protocol_send(self, event: Any) -> None:
+        if self.ended:
+            return
         kind = type(event)
         if kind is RawData and self.direct:
             await self.send_bytes(event.data)
@@ -195,6 +202,8 @@ class DirectSendServer(TCPServer):
         """Write what the socket takes of ``data`` now, without waiting: the number of
         bytes written, or -1 (nothing written) when a direct write does not apply
         (hypercorn is writing or waiting to, TLS, a closed or broken socket)."""
+        if self.ended:
+            return -1
         stream: trio.abc.Stream = self.stream  # hypercorn annotates it as TLS only
         if type(stream) is not trio.SocketStream or self.send_lock.locked():
             return -1
@@ -208,6 +217,8 @@ class DirectSendServer(TCPServer):
 
     async def send_bytes(self, data: bytes) -> None:
         """Write ``data`` on this connection, directly when it can be done at once."""
+        if self.ended:
+            return
         sent = self.send_now(data)
         if sent == len(data):
             return
@@ -219,6 +230,8 @@ class DirectSendServer(TCPServer):
     async def send_rest(self, rest: bytes) -> None:
         """Write the rest of bytes that are partly on the wire: it must follow, even
         if the task is being cancelled."""
+        if self.ended:
+            return
         with trio.CancelScope(shield=True):
             await super().protocol_send(RawData(data=rest))
 

@@ -15,6 +15,7 @@ import pytest
 import trio
 import trio.testing
 from hypercorn.config import Config
+from hypercorn.events import RawData
 from hypercorn.trio.task_group import TaskGroup
 from hypercorn.trio.tcp_server import TCPServer
 
@@ -145,6 +146,41 @@ async def test_a_client_that_leaves_mid_stream_ends_the_writer_not_the_server() 
     assert outcome["timed_out"] is False
     assert outcome["sent"] >= 1
     assert (head.status_code, body) == (200, b"pong")
+
+
+async def test_a_writer_kept_past_the_end_of_its_connection_writes_nothing() -> None:
+    """A stream's relay can end after its connection did (the pump hands it back, the
+    task runs later): the connection's objects are unlinked then
+    (``DirectSendServer.run``), and every way of writing is a no-op, not an error."""
+    kept: list[Any] = []
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        writer = chunk_writer(send)
+        assert writer is not None
+        assert await writer.write(b"first")
+        kept.append(writer)
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+    async with serving(app) as port:
+        stream = await trio.open_tcp_stream("127.0.0.1", port)
+        await send_request(stream, client_connection(), "/stream")
+        assert (await stream.receive_some(4096)).startswith(b"HTTP/1.1 200")
+        await stream.aclose()
+        for _ in range(500):  # the server's side of the connection ends
+            if kept and kept[0]._server.ended:
+                break
+            await trio.sleep(0.01)
+        writer = kept[0]
+        assert writer._server.ended
+        assert writer.write_now(b"late") is None
+        assert await writer.write(b"late") is False
+        await writer.write_rest(b"late")  # the rest of a chunk: dropped, no error
+        server = writer._server
+        assert server.send_now(b"late") == -1
+        await server.send_bytes(b"late")
+        await server.protocol_send(RawData(data=b"late"))
 
 
 async def test_no_writer_without_direct_send_or_outside_hypercorn() -> None:
