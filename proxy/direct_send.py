@@ -62,6 +62,16 @@ _DOOR = "airgate_early_door"
 _SPAWN_APP = TaskGroup.spawn_app
 
 
+class _EndedProtocol:
+    """What a finished connection's server holds instead of its protocol."""
+
+    async def handle(self, event: Any) -> None:
+        pass
+
+
+_ENDED_PROTOCOL = _EndedProtocol()
+
+
 class DirectSendServer(TCPServer):
     """hypercorn's connection handler with direct writes (see the module docstring).
 
@@ -85,21 +95,27 @@ class DirectSendServer(TCPServer):
         try:
             await super().run()
         finally:
-            # The connection's objects point at each other (its protocol holds this
-            # server's protocol_send, the server holds the protocol, its task group,
-            # its locks and its stream): unlinked once it is over, they are freed by
-            # reference counting at once. Left linked, every closed connection was ~34
-            # objects for the garbage collector, whose pass over them stopped the whole
-            # process for 20-50 ms at a time under connection churn. The methods this
-            # class put on hypercorn's objects hold those objects too.
-            for name, owner in (("spawn_app", self.__dict__.get("_task_group")),
-                                ("handle", self.__dict__.get("protocol"))):
-                if owner is not None:
-                    vars(owner).pop(name, None)
-            self.__dict__.clear()
-            # A stream's writer may still hold this server (its relay ends later): what
-            # it writes now goes nowhere, as hypercorn drops writes to a closed socket.
-            self.ended = True
+            self._unlink()
+
+    def _unlink(self) -> None:
+        """Break the connection's reference cycles once it is over, so that reference
+        counting frees it at once. Its protocol holds this server's ``protocol_send``
+        and the server holds the protocol (and its task group, which the protocol holds
+        too); the methods this class put on hypercorn's task group and protocol hold
+        those. Left linked, every closed connection was ~34 objects for the garbage
+        collector, whose pass over them stopped the process for 20-50 ms at a time under
+        connection churn. The socket, its lock and the config stay: a write that was
+        already under way when the connection ended (a relay's, from another task)
+        finishes against them, and a failed one tells the stand-in protocol, which
+        does nothing. Writes that start now do nothing (``ended``)."""
+        task_group = self.__dict__.pop("_task_group", None)
+        if task_group is not None:
+            vars(task_group).pop("spawn_app", None)
+        protocol = self.__dict__.get("protocol")
+        if protocol is not None:
+            vars(protocol).pop("handle", None)
+        self.protocol = _ENDED_PROTOCOL  # type: ignore[assignment]
+        self.ended = True
 
     async def protocol_send(self, event: Any) -> None:
         if self.ended:

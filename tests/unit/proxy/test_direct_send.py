@@ -183,6 +183,44 @@ async def test_a_writer_kept_past_the_end_of_its_connection_writes_nothing() -> 
         await server.protocol_send(RawData(data=b"late"))
 
 
+async def test_a_write_under_way_when_its_connection_ends_finishes_without_error() -> None:
+    """A relay (in a task of its own, as the key actor's) is blocked writing to a client
+    that stopped reading; the client half-closes and the connection ends meanwhile. The
+    write fails as a write to a gone client does, never on the ended server's state
+    (about half of these raised AttributeError when ending cleared the server)."""
+    outcomes: list[str] = []
+
+    async def relay(writer: Any) -> None:
+        try:
+            await writer.write(b"x" * (16 << 20))
+            outcomes.append("ended")
+        except Exception as exc:  # what escaped: the test reports it
+            outcomes.append(repr(exc))
+
+    async def clients(port: int) -> None:
+        for _ in range(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", port)
+            await send_request(stream, client_connection(), "/stream")
+            await trio.sleep(0.05)  # the relay is blocked in hypercorn's send_all
+            await stream.send_eof()  # the client half-closes, never reading
+            await trio.sleep(0.05)
+            await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as relays:  # left once every relay has ended
+            async def app(scope: Any, receive: Any, send: Any) -> None:
+                await send({"type": "http.response.start", "status": 200, "headers": []})
+                writer = chunk_writer(send)
+                assert writer is not None
+                relays.start_soon(relay, writer)
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+
+            async with serving(app) as port:
+                await clients(port)
+    assert outcomes == ["ended"] * 10
+
+
 async def test_no_writer_without_direct_send_or_outside_hypercorn() -> None:
     found: list[object] = []
 
