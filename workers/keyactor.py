@@ -180,13 +180,17 @@ class KeyActor:
             self.health.begin(now)
             self.inflight += 1
             failure: Failure | None = None
+            verdict = False
             try:
                 with trio.CancelScope() as scope:
                     job.attach(scope)
                     failure = await self._execute(job)
+                verdict = True
             finally:
                 self.inflight -= 1
                 self._settle(job, reserved)
+                if not verdict:  # a bug, or the gateway stopping: no word on the key,
+                    self.health.abandon(trio.current_time())  # and a probe slot freed
             self._record(job, failure)
 
     def _reservation(self, job: Job) -> int:

@@ -162,6 +162,39 @@ async def test_a_failed_half_open_probe_opens_the_circuit_again(
     assert upstream.times == [0.0, 1.0, 3.0, 7.0, 15.0, 45.0]
 
 
+async def test_a_half_open_probe_that_ends_in_an_unexpected_error_frees_the_probe_slot(
+    autojump_clock: MockClock,
+) -> None:
+    """A bug (here: the transport raising what no one expects) while serving the probe
+    gives no verdict on the key; the next request may probe, instead of the key staying
+    unavailable for good."""
+    calls = 0
+
+    async def respond(request: httpx.Request) -> httpx.Response:
+        nonlocal calls
+        calls += 1
+        if calls <= 5:
+            return json_response(502, SERVER_ERROR)
+        if calls == 6:
+            raise RuntimeError("a bug")
+        return json_response(200, completion_json())
+
+    upstream = FakeUpstream(respond)
+    async with running_actor(make_key(), upstream) as actor:
+        for _ in range(5):
+            at = actor.health.available_at(trio.current_time())
+            assert at is not None
+            await trio.sleep_until(at)
+            failed(await run_job(actor, *make_job()))
+        await trio.sleep_until(45.0)
+        assert actor.health.state(45.0) is HealthState.HALF_OPEN
+        assert await run_job(actor, *make_job()) == []  # the reply just closes
+        assert actor.health.available(45.0)
+        assert started(await run_job(actor, *make_job())).status == 200
+        assert actor.health.state(45.0) is HealthState.HEALTHY
+    assert upstream.times == [0.0, 1.0, 3.0, 7.0, 15.0, 45.0, 45.0]
+
+
 async def test_401_disables_the_key_and_reports_it_once(autojump_clock: MockClock) -> None:
     disabled = DisableLog()
     upstream = FakeUpstream(answer(401, error_json("invalid_request_error",
