@@ -124,13 +124,14 @@ class Connection:
 
     def _send_now(self, data: bytes) -> None:
         """What the socket takes of ``data`` now; the rest goes before the next write."""
+        data = self._unsent + data
         try:
-            sent = os.write(self.fileno(), self._unsent + data)
+            sent = os.write(self.fileno(), data)
         except BlockingIOError:
             sent = 0
         except OSError:
             return  # a broken connection: the next read or write says so
-        self._unsent = (self._unsent + data)[sent:]
+        self._unsent = data[sent:]
 
     def dropped(self) -> bool:
         """Whether an idle connection was closed by the server (or sent something

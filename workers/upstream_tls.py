@@ -53,14 +53,13 @@ class Tls:
         while True:
             try:
                 self._object.do_handshake()
+                done = True
             except ssl.SSLWantReadError:
-                pass
-            else:
-                if self._outgoing.pending:
-                    await stream.send_all(self._outgoing.read())
-                return
+                done = False
             if self._outgoing.pending:
                 await stream.send_all(self._outgoing.read())
+            if done:
+                return
             data = await stream.receive_some(_READ)
             if not data:
                 raise ssl.SSLEOFError("the server closed the connection during the handshake")

@@ -30,8 +30,20 @@ from tests.unit.workers.helpers import (
 from workers.failure import FailureClass
 from workers.health import HealthState
 from workers.job import Event, Started
+from workers.keyactor import KeyActor
 
 SERVER_ERROR = error_json("server_error")
+
+
+async def open_the_circuit(actor: KeyActor) -> None:
+    """Five failed requests, each as soon as the key's cool-down allows (0, 1, 3, 7 and
+    15 s): the circuit opens, half-open at 45 s. The upstream must answer them with
+    failures."""
+    for _ in range(5):
+        at = actor.health.available_at(trio.current_time())
+        assert at is not None
+        await trio.sleep_until(at)
+        failed(await run_job(actor, *make_job()))
 
 
 async def test_5xx_fails_over_and_cools_the_key_for_exactly_the_base_cooldown(
@@ -149,11 +161,7 @@ async def test_a_failed_half_open_probe_opens_the_circuit_again(
 ) -> None:
     upstream = FakeUpstream(answer(502, SERVER_ERROR))
     async with running_actor(make_key(), upstream) as actor:
-        for _ in range(5):
-            at = actor.health.available_at(trio.current_time())
-            assert at is not None
-            await trio.sleep_until(at)
-            failed(await run_job(actor, *make_job()))
+        await open_the_circuit(actor)
         assert trio.current_time() == 15.0
         await trio.sleep_until(45.0)
         failed(await run_job(actor, *make_job()))
@@ -181,11 +189,7 @@ async def test_a_half_open_probe_that_ends_in_an_unexpected_error_frees_the_prob
 
     upstream = FakeUpstream(respond)
     async with running_actor(make_key(), upstream) as actor:
-        for _ in range(5):
-            at = actor.health.available_at(trio.current_time())
-            assert at is not None
-            await trio.sleep_until(at)
-            failed(await run_job(actor, *make_job()))
+        await open_the_circuit(actor)
         await trio.sleep_until(45.0)
         assert actor.health.state(45.0) is HealthState.HALF_OPEN
         assert await run_job(actor, *make_job()) == []  # the reply just closes
